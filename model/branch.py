@@ -1,0 +1,119 @@
+"""One branch per VGG16 tap: adapter, temporal convnet, deep supervision (MODEL_SPEC section 2)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor, nn
+
+
+class Adapter(nn.Sequential):
+    """``[N, 512, K, K] -> [N, C, K, K]``.
+
+    Decision (adapter order): AdaptiveAvgPool(K) (in VGG16Taps) -> 1x1 Conv -> BN -> ReLU.
+    """
+
+    def __init__(self, channels: int, in_channels: int = 512) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class TemporalConv3d(nn.Module):
+    """Two 3x3x3 convs with ReLU over the clip volume: ``[B, T, C, K, K]`` -> same shape."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, maps: Tensor) -> Tensor:
+        return self.convs(maps.transpose(1, 2)).transpose(1, 2)
+
+
+class TemporalConv2d(nn.Module):
+    """The conv2d ablation: the same two layers, 3x3 per frame. ``[B, T, C, K, K]`` -> same."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, maps: Tensor) -> Tensor:
+        return self.convs(maps.flatten(0, 1)).view_as(maps)
+
+
+class SupervisionHead(nn.Module):
+    """Deep supervision: ``[B, T, C, K, K]`` -> per-step logits ``[B, T, num_classes]``."""
+
+    def __init__(self, channels: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, maps: Tensor) -> Tensor:
+        return self.mlp(maps.mean(dim=(-2, -1)))
+
+
+class Branch(nn.Module):
+    """Everything h-independent of one tap, batched over all T steps.
+
+    ``forward(taps: [B, T, 512, K, K])`` returns ``Y``: ``[B, T, C, K, K]`` (non-negative) and
+    the deep supervision logits ``[B, T, num_classes]`` (None when ``temporal`` is ``none``).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        temporal: Literal["conv3d", "conv2d", "none"],
+        supervision_hidden: int,
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        self.adapter = Adapter(channels)
+        self.temporal: nn.Module | None
+        self.head: SupervisionHead | None
+        if temporal == "none":
+            self.temporal, self.head = None, None
+        else:
+            conv = TemporalConv3d if temporal == "conv3d" else TemporalConv2d
+            self.temporal = conv(channels)
+            self.head = SupervisionHead(channels, supervision_hidden, num_classes)
+
+    def forward(self, taps: Tensor) -> tuple[Tensor, Tensor | None]:
+        weight = self.adapter[0].weight
+        maps = self.adapter(taps.flatten(0, 1).to(weight.dtype)).unflatten(0, taps.shape[:2])
+        if self.temporal is None or self.head is None:
+            return maps, None
+        maps = self.temporal(maps)
+        return maps, self.head(maps)
+
+
+def activity_map(maps: Tensor, eps: float = 1e-8) -> Tensor:
+    """m_{t,i}: each location's share of the total activity, ``[..., C, K, K] -> [..., K*K]``."""
+    activity = maps.sum(dim=-3).flatten(-2)
+    return activity / (activity.sum(dim=-1, keepdim=True) + eps)
+
+
+def attention_regularization(maps: Tensor, attention: Tensor) -> Tensor:
+    """R = sum_t sum_i (m_{t,i} - att_{t,i})^2 per sample, the attention held as the target.
+
+    Args:
+        maps: ``[B, T, C, K, K]`` non-negative temporal-conv output Y.
+        attention: ``[B, T, K*K]``.
+
+    Returns:
+        ``[B]``.
+    """
+    return (activity_map(maps) - attention.detach()).pow(2).sum(dim=(-2, -1))

@@ -1,0 +1,246 @@
+"""MLflow tracking and registry: where runs go, how the model is logged, loaded and promoted.
+
+The default store is SQLite under `./runs/` with artifacts beside it; `MLFLOW_TRACKING_URI`
+selects a server instead. The model is a pyfunc "models from code" whose weights are a plain
+state dict, rebuilt through `JointAttentionNet(ModelConfig)` (see `orchestration.mlflow_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+
+import model as model_package
+from model import ModelConfig
+from orchestration import mlflow_model
+from orchestration.mlflow_model import LoadedModel, load_from_files
+
+DEFAULT_TRACKING_DIR = "runs"
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+CHAMPION_ALIAS = "champion"
+SPLIT_TAG = "split"
+SCORE_TAG = "video_top1"
+# Packages the pyfunc needs at load time; pinned so the environment is reproducible, and
+# listed instead of inferred because inference loads the model in a subprocess (slow).
+_REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pydantic")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The configured MLflow tracking server cannot be reached."""
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the SQLite store `./runs/mlflow.db` (created)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    base = Path(DEFAULT_TRACKING_DIR).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / DB_FILE}"
+
+
+def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when an http(s) tracking server does not answer; other URIs pass as is.
+
+    One GET of `<uri>/health` with a hard timeout. MLflow's own client retries a dead server
+    for minutes, so it is not used here. Any HTTP answer below 500 counts as reachable (a
+    proxy or auth layer may refuse /health, yet the server is there).
+
+    Raises:
+        TrackingUnavailable: no connection, a timeout, or a 5xx answer.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code < 500:
+            return
+        reason = f"GET {url} answered HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = f"GET {url} failed: {getattr(err, 'reason', err)}"
+    raise TrackingUnavailable(
+        f"MLflow tracking server at {uri} is not reachable: {reason}. Set MLFLOW_TRACKING_URI "
+        "to a running server or unset it to use the local SQLite store"
+    )
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI (None for in-memory or other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).resolve()
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store go beside its database; servers choose their own.
+
+    Without this, a SQLite store would put artifacts under `./mlruns` of whatever the
+    current directory is.
+    """
+    db = _sqlite_path(uri)
+    if db is None:
+        return None
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)
+    return (db.parent / ARTIFACTS_DIR / safe_name).as_uri()
+
+
+def get_or_create_experiment(name: str) -> str:
+    """The id of experiment `name` in the current tracking store, created when missing."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = _artifact_location(mlflow.get_tracking_uri(), name)
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as err:
+        # Another process (e.g. a parallel sweep trial) created it first.
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def flatten_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> flat MLflow params: `{"model.hidden_size": "1024"}`; lists as JSON."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        elif isinstance(value, list | tuple):
+            flat[name] = json.dumps(list(value), default=str)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def registered_model_name(dataset: str) -> str:
+    """The registry name of a dataset's models: `jlstm-<dataset>`."""
+    return f"jlstm-{dataset}"
+
+
+def model_signature(model_cfg: ModelConfig) -> ModelSignature:
+    """uint8 frames [-1, T, S, S, 3] in, float32 class probabilities [-1, C] out."""
+    t, s = model_cfg.clip_len, model_cfg.frame_size
+    frames = TensorSpec(np.dtype(np.uint8), (-1, t, s, s, 3))
+    probabilities = TensorSpec(np.dtype(np.float32), (-1, model_cfg.num_classes))
+    return ModelSignature(inputs=Schema([frames]), outputs=Schema([probabilities]))
+
+
+def _pip_requirements() -> list[str]:
+    """`pkg==version` of the installed packages the pyfunc imports (local tags dropped)."""
+    pins = []
+    for package in _REQUIREMENTS:
+        try:
+            pins.append(f"{package}=={version(package).split('+', 1)[0]}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def log_model(
+    net: torch.nn.Module,
+    model_cfg: ModelConfig,
+    class_names: list[str],
+    *,
+    registered_model_name: str | None,
+    name: str = "model",
+) -> ModelInfo:
+    """Log the network to the active run as a pyfunc model; register it when a name is given.
+
+    Decision: a state dict + JSON config, rebuilt by code and loaded with
+    `torch.load(weights_only=True)`, because a pickled model would execute arbitrary code on
+    load and `pt2` (torch.export) needs an example input and ties the model to one export.
+    """
+    if len(class_names) != model_cfg.num_classes:
+        raise ValueError(
+            f"{len(class_names)} class names for a model of {model_cfg.num_classes} classes"
+        )
+    module = getattr(net, "module", net)  # unwrap DistributedDataParallel
+    state = {key: value.detach().cpu() for key, value in module.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {key: Path(tmp) / file for key, file in mlflow_model.ARTIFACT_FILES.items()}
+        torch.save(state, files["weights"])
+        files["model_config"].write_text(json.dumps(model_cfg.model_dump(mode="json"), indent=2))
+        files["class_names"].write_text(json.dumps(list(class_names)))
+        with warnings.catch_warnings():
+            # The explicit TensorSpec signature makes an input example unnecessary; one at
+            # the paper's size (30 x 384 x 384 x 3 uint8) would add 13 MB to every model.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(Path(mlflow_model.__file__).resolve()),
+                artifacts={key: str(path) for key, path in files.items()},
+                # The `model` package travels with the artifact, so it loads outside this repo.
+                code_paths=[str(Path(model_package.__file__).resolve().parent)],
+                signature=model_signature(model_cfg),
+                pip_requirements=_pip_requirements(),
+                registered_model_name=registered_model_name,
+            )
+
+
+def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """Download a logged model (`models:/name@alias`, `models:/name/version`, `runs:/...`)
+    and rebuild the network from its artifacts, in eval mode on `device`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        conf = mlflow.models.Model.load(local).flavors["python_function"]
+        artifacts = {key: local / entry["path"] for key, entry in conf["artifacts"].items()}
+        return load_from_files(
+            artifacts["weights"], artifacts["model_config"], artifacts["class_names"], device
+        )
+
+
+def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version the `champion` alias points at, or None when there is none yet."""
+    aliases = client.get_registered_model(name).aliases
+    if CHAMPION_ALIAS not in aliases:
+        return None
+    return client.get_model_version(name, aliases[CHAMPION_ALIAS])
+
+
+def promote_if_better(
+    registered_name: str, version: str | int, *, split: int, video_top1: float
+) -> bool:
+    """Tag a version with its split and video top-1; make it `champion` if it beats the
+    current one. Returns whether the alias moved.
+
+    The alias moves when there is no champion yet, or when the champion was evaluated on the
+    same split with a strictly lower video top-1. A champion from another split (or without
+    tags) stays: accuracies on different test sets are not comparable.
+    """
+    client = MlflowClient()
+    version = str(version)
+    client.set_model_version_tag(registered_name, version, SPLIT_TAG, str(split))
+    client.set_model_version_tag(registered_name, version, SCORE_TAG, repr(float(video_top1)))
+    champion = _champion(client, registered_name)
+    if champion is not None:
+        if champion.version == version or champion.tags.get(SPLIT_TAG) != str(split):
+            return False
+        # A champion without a score tag compares as NaN, so it is kept.
+        if not video_top1 > float(champion.tags.get(SCORE_TAG, "nan")):
+            return False
+    client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, version)
+    return True
