@@ -87,6 +87,18 @@ def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
     )
 
 
+def connect() -> str:
+    """Point MLflow at `tracking_uri()` after checking it answers; returns the URI.
+
+    Set explicitly because MLflow's own default store is `./mlflow.db` of the current
+    directory, not this project's `runs/`.
+    """
+    uri = tracking_uri()
+    check_tracking_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def _sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///...` URI (None for in-memory or other stores)."""
     if not uri.startswith("sqlite:///"):

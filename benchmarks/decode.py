@@ -1,0 +1,175 @@
+"""Clips/s: a plain single-process decord loop vs the Ray Data pipeline vs the feature cache.
+
+All three read the same evaluation clips (every clip of every test video, in order; eval
+stride 2, so many overlapping clips) of a synthetic dataset generated in a temp dir, at the
+same frame size S. The pipeline runs on a local Ray cluster of `--cpus` CPUs, one CPU per
+decode task; its rate per CPU is compared with the plain loop's, which uses one CPU.
+
+    python benchmarks/decode.py --out benchmarks/results/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from data_shards import (
+    DataConfig,
+    build_datasets,
+    build_feature_cache,
+    clip_table,
+    index_videos,
+    load_manifest,
+)
+from data_shards.decode import open_reader, read_clip
+from data_shards.synth import synthesize_dataset
+from model import ModelConfig
+
+BATCH = 32  # clips per batch a training worker asks for
+
+
+def plain_loop(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict[str, float]:
+    """Decode the evaluation clips in one process, each video opened once, in order."""
+    manifest = load_manifest(data_cfg)
+    stride = data_cfg.eval_stride_for(model_cfg.clip_len)
+    clips = clip_table(manifest, model_cfg.clip_len, stride).to_pylist()
+    started = time.perf_counter()
+    reader, current = None, None
+    for row in clips:
+        if row["video_path"] != current:
+            current = row["video_path"]
+            reader = open_reader(current, model_cfg.frame_size)
+        read_clip(reader, row["clip_start"], row["num_frames"], model_cfg.clip_len, 1)
+    return {"clips": len(clips), "seconds": time.perf_counter() - started}
+
+
+def pipeline(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict[str, float]:
+    """Iterate the "val" dataset in batches of BATCH clips, as a training worker does.
+
+    Timed from the first batch on; the executor's start-up before it (a fixed cost per
+    epoch, not throughput) is reported as first_batch_s.
+    """
+    batches = iter(
+        build_datasets(data_cfg, model_cfg)["val"].iter_batches(
+            batch_size=BATCH, batch_format="numpy"
+        )
+    )
+    started = time.perf_counter()
+    next(batches)
+    first_batch_s = time.perf_counter() - started
+    started = time.perf_counter()
+    clips = sum(len(batch["video_id"]) for batch in batches)
+    return {
+        "clips": clips,
+        "seconds": time.perf_counter() - started,
+        "first_batch_s": first_batch_s,
+    }
+
+
+def best_of(runs: int, measure, *args) -> dict[str, float]:
+    """The fastest of `runs` runs, with its rate in clips/s."""
+    best = min((measure(*args) for _ in range(runs)), key=lambda r: r["seconds"] / r["clips"])
+    return {**best, "clips_per_s": best["clips"] / best["seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/decode.json")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    parser.add_argument("--videos-per-class", type=int, default=8)
+    parser.add_argument("--num-frames", type=int, default=150)
+    parser.add_argument("--source-size", type=int, default=128, help="side of the AVI frames")
+    parser.add_argument("--frame-size", type=int, default=64, help="S, decoded side")
+    parser.add_argument("--clip-len", type=int, default=16)
+    parser.add_argument("--decode-batch-size", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with tempfile.TemporaryDirectory() as tmp:
+        root = synthesize_dataset(
+            Path(tmp) / "data",
+            classes=4,
+            videos_per_class=args.videos_per_class,
+            frame_size=args.source_size,
+            num_frames=args.num_frames,
+        )
+        manifest = Path(tmp) / "manifest.parquet"
+        data_cfg = DataConfig(
+            dataset="ucf101",
+            root=str(root),
+            manifest=str(manifest),
+            eval_stride=2,
+            decode_cpus=1.0,
+            decode_batch_size=args.decode_batch_size,
+            feature_cache=str(Path(tmp) / "features"),
+        )
+        model_cfg = ModelConfig(
+            num_classes=4,
+            frame_size=args.frame_size,
+            clip_len=args.clip_len,
+            last_steps=args.clip_len // 2,
+            map_size=args.frame_size // 16,
+        )
+        index_videos(data_cfg, show_progress=False)
+        # Keep only the test videos: the cache then runs VGG16 on the frames measured alone.
+        table = load_manifest(data_cfg)
+        pq.write_table(table.filter(pc.equal(table["subset"], "test")), manifest)
+
+        plain = best_of(args.runs, plain_loop, data_cfg, model_cfg)
+        decode = best_of(args.runs, pipeline, data_cfg, model_cfg)
+        started = time.perf_counter()
+        info = build_feature_cache(data_cfg, model_cfg, use_gpu=False)
+        build_s = time.perf_counter() - started
+        cached_cfg = data_cfg.model_copy(update={"use_feature_cache": True})
+        cache = best_of(args.runs, pipeline, cached_cfg, model_cfg)
+
+    result = {
+        "setup": {
+            "eval_clips": plain["clips"],
+            "clip_len": args.clip_len,
+            "frame_size": args.frame_size,
+            "source_size": args.source_size,
+            "frames_per_video": args.num_frames,
+            "eval_stride": 2,
+            "ray_cpus": args.cpus,
+            "decode_cpus_per_task": 1.0,
+            "decode_batch_size": args.decode_batch_size,
+            "iter_batch_size": BATCH,
+            "runs": args.runs,
+            "machine_cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "ray": ray.__version__,
+            "taps": list(model_cfg.taps),
+            "map_size": model_cfg.map_size,
+        },
+        "plain_clips_per_s": round(plain["clips_per_s"], 1),
+        "pipeline_clips_per_s": round(decode["clips_per_s"], 1),
+        "pipeline_per_cpu_vs_plain": round(
+            decode["clips_per_s"] / args.cpus / plain["clips_per_s"], 3
+        ),
+        "pipeline_vs_plain": round(decode["clips_per_s"] / plain["clips_per_s"], 3),
+        "pipeline_first_batch_s": round(decode["first_batch_s"], 2),
+        "cache_clips_per_s": round(cache["clips_per_s"], 1),
+        "cache_vs_pipeline": round(cache["clips_per_s"] / decode["clips_per_s"], 2),
+        "cache_first_batch_s": round(cache["first_batch_s"], 2),
+        "cache_build_s": round(build_s, 1),
+        "cache_bytes_per_video": round(info.bytes_per_video),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""`jlstm data index|synth` (registered by orchestration's CLI) and `python -m data_shards.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+import pyarrow.parquet as pq
+
+
+def _index(args: argparse.Namespace) -> int:
+    """Probe the split's videos; print the summary and the quarantine reasons."""
+    import ray
+
+    from data_shards.config import DataConfig
+    from data_shards.index import index_videos
+
+    data_cfg = DataConfig(
+        dataset=args.dataset,
+        root=args.root,
+        splits_dir=args.splits_dir,
+        split=args.split,
+        manifest=args.out,
+        probe_timeout_s=args.probe_timeout,
+    )
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)  # joins RAY_ADDRESS's cluster when set, else local
+    result = index_videos(data_cfg)
+    print(result.summary())
+    reasons = pq.read_table(result.quarantine_path)["reason"].to_pylist()
+    kinds = Counter(reason.split(":")[0] for reason in reasons)
+    for kind, count in kinds.most_common():
+        print(f"  quarantined, {kind}: {count}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    """Write the synthetic dataset and say where."""
+    from data_shards.synth import synthesize_dataset
+
+    out = synthesize_dataset(
+        args.out,
+        layout=args.layout,
+        classes=args.classes,
+        videos_per_class=args.videos_per_class,
+        seed=args.seed,
+        frame_size=args.frame_size,
+        num_frames=args.num_frames,
+    )
+    print(f"wrote {args.classes * args.videos_per_class} videos ({args.layout} layout) to {out}")
+    return 0
+
+
+def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `index` and `synth` on `subparsers`; each sets func(args) -> exit code."""
+    index = subparsers.add_parser("index", help="probe a split's videos, write the manifest")
+    index.add_argument("--dataset", required=True, choices=["ucf101", "hmdb51", "folder"])
+    index.add_argument(
+        "--root",
+        required=True,
+        help="folder of class folders as published, or one holding them "
+        "(UCF-101/, hmdb51/ or videos/)",
+    )
+    index.add_argument(
+        "--splits-dir",
+        default=None,
+        help="default: ucfTrainTestlist/ or testTrainMulti_7030_splits/ in or "
+        "beside the root; for folder, the root (holding split<N>.csv)",
+    )
+    index.add_argument("--split", type=int, default=1, choices=[1, 2, 3])
+    index.add_argument(
+        "--out",
+        default=None,
+        help="manifest Parquet (default <root>/manifest_split<N>.parquet); "
+        "the quarantine table goes beside it",
+    )
+    index.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=20.0,
+        help="seconds before a probe is killed and its video quarantined",
+    )
+    index.set_defaults(func=_index)
+
+    synth = subparsers.add_parser("synth", help="write a synthetic motion-only dataset")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--layout", default="ucf101", choices=["ucf101", "hmdb51"])
+    synth.add_argument("--classes", type=int, default=4)
+    synth.add_argument("--videos-per-class", type=int, default=6)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--frame-size", type=int, default=64)
+    synth.add_argument("--num-frames", type=int, default=48)
+    synth.set_defaults(func=_synth)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m data_shards.cli index|synth ...`."""
+    parser = argparse.ArgumentParser(prog="python -m data_shards.cli")
+    add_data_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

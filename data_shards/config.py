@@ -1,0 +1,58 @@
+"""The data section of a run's config: which videos, how clips are cut, where the cache lives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DataConfig(BaseModel):
+    """Validated data settings; a bad value is refused naming the key, the value and the range.
+
+    Strides are in clip-start frames. `eval_stride=None` means `clip_len`: evaluation clips
+    then tile each test video without overlap.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: Literal["ucf101", "hmdb51", "folder"]
+    root: str = Field(description="folder of class folders, or one holding them (see index)")
+    splits_dir: str | None = Field(None, description="default: found inside/beside root")
+    split: int = Field(1, ge=1, le=3)
+    manifest: str | None = Field(None, description="default: <root>/manifest_split<N>.parquet")
+    frame_interval: int = Field(1, ge=1, description="take every n-th frame inside a clip")
+    train_stride: int = Field(8, ge=1, description="s: frames between training clip starts")
+    eval_stride: int | None = Field(None, ge=1, description="default: clip_len (no overlap)")
+    decode_cpus: float = Field(1.0, gt=0, description="Ray CPUs per decode task")
+    decode_batch_size: int = Field(8, ge=1, description="clips per decode task call")
+    probe_timeout_s: float = Field(20.0, gt=0, description="hard limit per video probe")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    seed: int = 0
+    feature_cache: str | None = Field(None, description="directory of the VGG16 tap cache")
+    use_feature_cache: bool = False
+
+    @model_validator(mode="after")
+    def _cache_needs_dir(self) -> DataConfig:
+        if self.use_feature_cache and not self.feature_cache:
+            raise ValueError(
+                "use_feature_cache = true needs feature_cache = <directory>; got feature_cache"
+                f" = {self.feature_cache!r}"
+            )
+        return self
+
+    def manifest_path(self) -> Path:
+        """Where `index_videos` writes the manifest and `build_datasets` reads it."""
+        if self.manifest:
+            return Path(self.manifest)
+        return Path(self.root) / f"manifest_split{self.split}.parquet"
+
+    def quarantine_path(self) -> Path:
+        """The quarantine table, beside the manifest."""
+        manifest = self.manifest_path()
+        return manifest.with_name(f"{manifest.stem}.quarantine.parquet")
+
+    def eval_stride_for(self, clip_len: int) -> int:
+        """The evaluation stride in effect for clips of `clip_len` frames."""
+        return self.eval_stride or clip_len

@@ -1,0 +1,296 @@
+"""Feature cache: frozen VGG16 taps of every frame that training and evaluation read.
+
+Layout of `<feature_cache>/`:
+  cache_key.json           everything that changes the content (see `cache_key`)
+  videos.parquet           one row per video: video_id, file, bytes, frames, ok, error
+  video_<id>.parquet       one row per needed frame, sorted: frame_index (int32) and
+                           taps_<name> (float16 fixed-size list, 512 * K * K) per tap;
+                           small row groups so a clip reads only the frames it needs.
+
+Building it is a Ray Data actor pool (one VGG16 per actor, a GPU each when the cluster
+has GPUs). Reading it is a `map_batches` function over the same clip tables as decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from data_shards.clips import frame_indices, needed_frames
+from data_shards.config import DataConfig
+from data_shards.datasets import load_manifest
+from data_shards.decode import open_reader
+
+KEY_FILE = "cache_key.json"
+INDEX_FILE = "videos.parquet"
+CACHE_FORMAT = 1
+ROW_GROUP_FRAMES = 8  # frames per Parquet row group: the unit a clip read fetches
+TAP_CHANNELS = 512  # every VGG16 tap (conv4_3, pool4, conv5_3, pool5) has 512 channels
+FORWARD_CHUNK = 32  # frames per backbone forward pass
+# Random-init VGG16 (no backbone_weights) is seeded so the cache and its check agree.
+RANDOM_INIT_SEED = 0
+
+
+class StaleCacheError(RuntimeError):
+    """The cache on disk was built for different data, backbone or clip settings."""
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What `build_feature_cache` wrote."""
+
+    cache_dir: Path
+    num_videos: int
+    num_failed: int
+    total_bytes: int
+    bytes_per_video: float
+    key: dict
+
+
+def cache_backbone(model_cfg):
+    """The frozen VGG16Taps the cache runs: eval mode, seeded when randomly initialized."""
+    import torch
+
+    from model import VGG16Taps
+
+    with torch.random.fork_rng():
+        torch.manual_seed(RANDOM_INIT_SEED)
+        backbone = VGG16Taps(model_cfg.taps, model_cfg.map_size, model_cfg.backbone_weights)
+    return backbone.eval().requires_grad_(False)
+
+
+def manifest_digest(manifest: pa.Table) -> str:
+    """sha256 of the manifest columns that decide which frames the cache holds."""
+    columns = ["video_id", "video_path", "size", "mtime", "num_frames", "subset"]
+    content = json.dumps(manifest.select(columns).to_pydict(), sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def cache_key(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> dict:
+    """Everything that changes the cache's content; a cache is used only if this matches."""
+    return {
+        "format": CACHE_FORMAT,
+        "dtype": "float16",
+        "backbone_weights_digest": cache_backbone(model_cfg).weights_digest(),
+        "frame_size": model_cfg.frame_size,
+        "taps": list(model_cfg.taps),
+        "map_size": model_cfg.map_size,
+        "clip_len": model_cfg.clip_len,
+        "train_stride": data_cfg.train_stride,
+        "eval_stride": data_cfg.eval_stride_for(model_cfg.clip_len),
+        "frame_interval": data_cfg.frame_interval,
+        "manifest_digest": manifest_digest(manifest),
+    }
+
+
+def check_cache(data_cfg: DataConfig, model_cfg, manifest: pa.Table | None = None) -> dict:
+    """The cache's key, if it matches the configs; else StaleCacheError naming what differs."""
+    key_path = Path(str(data_cfg.feature_cache)) / KEY_FILE
+    if not key_path.is_file():
+        raise StaleCacheError(
+            f"no feature cache at {data_cfg.feature_cache} (missing {KEY_FILE}): "
+            "run `jlstm data features` first"
+        )
+    found = json.loads(key_path.read_text())
+    wanted = cache_key(data_cfg, model_cfg, manifest or load_manifest(data_cfg))
+    differ = [k for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k)]
+    if differ:
+        details = "; ".join(
+            f"{k}: cache has {found.get(k)!r}, config wants {wanted.get(k)!r}" for k in differ
+        )
+        raise StaleCacheError(
+            f"feature cache {data_cfg.feature_cache} is stale ({details}); rebuild it with "
+            "`jlstm data features`"
+        )
+    return found
+
+
+def cache_file(cache_dir: str | Path, video_id: int) -> Path:
+    """The Parquet shard of one video."""
+    return Path(cache_dir) / f"video_{video_id:07d}.parquet"
+
+
+def _work_table(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> pa.Table:
+    """One row per video: its path and the sorted frames its clips need (train or eval grid)."""
+    clip_len, interval = model_cfg.clip_len, data_cfg.frame_interval
+    strides = {"train": data_cfg.train_stride, "test": data_cfg.eval_stride_for(clip_len)}
+    frames = [
+        needed_frames(n, clip_len, strides[subset], interval)
+        for n, subset in zip(
+            manifest["num_frames"].to_pylist(), manifest["subset"].to_pylist(), strict=True
+        )
+    ]
+    return manifest.select(["video_id", "video_path"]).append_column(
+        "frames", pa.array(frames, pa.list_(pa.int64()))
+    )
+
+
+class _TapWriter:
+    """Actor: decodes one video's needed frames, runs the backbone, writes the video's shard."""
+
+    def __init__(self, model_cfg, cache_dir: str, device: str) -> None:
+        self.model_cfg = model_cfg
+        self.cache_dir = cache_dir
+        self.device = device
+        self.backbone = cache_backbone(model_cfg).to(device)
+
+    def _taps(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 [F, S, S, 3] -> {tap: float16 [F, 512, K, K]}, FORWARD_CHUNK frames a pass."""
+        import torch
+
+        from model import normalize_frames
+
+        chunks: dict[str, list[np.ndarray]] = {tap: [] for tap in self.model_cfg.taps}
+        with torch.inference_mode():
+            for lo in range(0, len(frames), FORWARD_CHUNK):
+                x = torch.from_numpy(frames[lo : lo + FORWARD_CHUNK])[None].to(self.device)
+                out = self.backbone(normalize_frames(x)[0])
+                for tap, value in out.items():
+                    chunks[tap].append(value.half().cpu().numpy())
+        return {tap: np.concatenate(parts) for tap, parts in chunks.items()}
+
+    def _write(self, video_id: int, path: str, wanted: list[int]) -> int:
+        """Write one video's shard; returns its size in bytes."""
+        reader = open_reader(path, self.model_cfg.frame_size)
+        taps = self._taps(reader.get_batch(wanted).asnumpy())
+        columns = {"frame_index": pa.array(wanted, pa.int32())}
+        for tap, values in taps.items():
+            flat = pa.array(values.reshape(-1), pa.float16())
+            columns[f"taps_{tap}"] = pa.FixedSizeListArray.from_arrays(flat, values[0].size)
+        target = cache_file(self.cache_dir, video_id)
+        # Uncompressed: fp16 activations barely compress, and reads then cost a copy only.
+        pq.write_table(
+            pa.table(columns), target, row_group_size=ROW_GROUP_FRAMES, compression="none"
+        )
+        return target.stat().st_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Video rows in, one result row per video out (failures flagged, never raised)."""
+        ids = batch["video_id"].astype(np.int64)
+        sizes = np.zeros(len(ids), dtype=np.int64)
+        ok = np.ones(len(ids), dtype=bool)
+        errors = np.full(len(ids), "", dtype=object)
+        for i, video_id in enumerate(ids):
+            try:
+                wanted = [int(f) for f in batch["frames"][i]]
+                sizes[i] = self._write(int(video_id), str(batch["video_path"][i]), wanted)
+            except Exception as e:  # a bad video is reported in videos.parquet, not raised
+                ok[i] = False
+                errors[i] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+        return {"video_id": ids, "bytes": sizes, "ok": ok, "error": errors}
+
+
+def _clear(cache_dir: Path) -> None:
+    """Remove an earlier cache's files (only the ones this module writes)."""
+    for path in [cache_dir / KEY_FILE, cache_dir / INDEX_FILE, *cache_dir.glob("video_*.parquet")]:
+        path.unlink(missing_ok=True)
+
+
+def build_feature_cache(
+    data_cfg: DataConfig, model_cfg, *, use_gpu: bool | None = None
+) -> CacheInfo:
+    """Run the frozen taps over every needed frame of the manifest's videos, fp16 on disk.
+
+    `use_gpu=None` uses GPUs when the Ray cluster has any: one actor per GPU; otherwise one
+    CPU actor per 2 cluster CPUs. The key file is written last, so an interrupted build is
+    never mistaken for a complete one.
+    """
+    if not data_cfg.feature_cache:
+        raise ValueError("feature_cache = None: set data.feature_cache to a directory")
+    cache_dir = Path(data_cfg.feature_cache)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _clear(cache_dir)
+    manifest = load_manifest(data_cfg)
+    key = cache_key(data_cfg, model_cfg, manifest)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = gpus > 0 if use_gpu is None else use_gpu
+    pool = gpus if use_gpu else max(1, int(resources.get("CPU", 1)) // 2)
+    results = (
+        ray.data.from_arrow(_work_table(data_cfg, model_cfg, manifest))
+        .repartition(target_num_rows_per_block=1)
+        .map_batches(
+            _TapWriter,
+            fn_constructor_kwargs={
+                "model_cfg": model_cfg,
+                "cache_dir": str(cache_dir),
+                "device": "cuda" if use_gpu else "cpu",
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=1,
+        )
+        .to_arrow_refs()
+    )
+    index = pa.concat_tables(ray.get(results)).sort_by("video_id")
+    pq.write_table(index, cache_dir / INDEX_FILE)
+    (cache_dir / KEY_FILE).write_text(json.dumps(key, indent=2))
+    ok = index.filter(index["ok"])
+    total = int(np.sum(ok["bytes"].to_numpy())) if ok.num_rows else 0
+    return CacheInfo(
+        cache_dir,
+        index.num_rows,
+        index.num_rows - ok.num_rows,
+        total,
+        total / max(ok.num_rows, 1),
+        key,
+    )
+
+
+def read_cached_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    cache_dir: str,
+    taps: list[str],
+    map_size: int,
+    clip_len: int,
+    frame_interval: int,
+) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` function: clip rows in, cached taps out; never raises.
+
+    Out: taps_<name> float16 [B, T, 512, K, K] per tap, label, video_id, clip_start, ok,
+    error (as `decode_batch`). Each video's shard is read once per batch, only the row
+    groups holding the batch's frames.
+    """
+    size = len(batch["video_id"])
+    clips = [
+        frame_indices(int(start), int(n), clip_len, frame_interval)
+        for start, n in zip(batch["clip_start"], batch["num_frames"], strict=True)
+    ]
+    shape = (size, clip_len, TAP_CHANNELS, map_size, map_size)
+    out = {f"taps_{tap}": np.zeros(shape, dtype=np.float16) for tap in taps}
+    ok = np.ones(size, dtype=bool)
+    errors = np.full(size, "", dtype=object)
+    for video_id in np.unique(batch["video_id"]):
+        rows = np.flatnonzero(batch["video_id"] == video_id)
+        wanted = sorted({f for r in rows for f in clips[r]})
+        try:
+            table = pq.read_table(
+                cache_file(cache_dir, int(video_id)), filters=[("frame_index", "in", wanted)]
+            )
+            position = {f: i for i, f in enumerate(table["frame_index"].to_pylist())}
+            for tap in taps:
+                flat = table[f"taps_{tap}"].combine_chunks().flatten().to_numpy()
+                values = flat.reshape(-1, *shape[2:])
+                for r in rows:
+                    out[f"taps_{tap}"][r] = values[[position[f] for f in clips[r]]]
+        except Exception as e:  # missing shard (video failed at build time), unreadable file
+            ok[rows] = False
+            errors[rows] = f"video {video_id}: no cached taps: {type(e).__name__}: {e}"
+    return {
+        **out,
+        "label": batch["label"].astype(np.int64),
+        "video_id": batch["video_id"].astype(np.int64),
+        "clip_start": batch["clip_start"].astype(np.int64),
+        "ok": ok,
+        "error": errors,
+    }

@@ -1,0 +1,151 @@
+"""The one validated config of a jlstm run: YAML in `configs/` plus `--set key=value` overrides.
+
+Every section refuses unknown keys and bad values before any work starts; the error names
+the key, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from data_shards.config import DataConfig
+from model import VARIANTS, ModelConfig, model_config
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainConfig(_Section):
+    """How to optimize: the paper's batch 64 and zeta = 1e-5 are the defaults."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch, split over the workers")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-5, ge=0, description="zeta: the optimizer's weight decay")
+    lr_schedule: Literal["cosine", "constant", "step"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    step_size: int = Field(10, ge=1, description="epochs per 10x decay for lr_schedule=step")
+    grad_clip: float | None = Field(5.0, gt=0)
+    seed: int = 0
+
+
+class ClusterConfig(_Section):
+    """Where and how wide to train; `cpus_per_worker: null` sizes workers from the cluster."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float | None = Field(None, gt=0)
+    decode_cpu_reserve: float = Field(
+        0.5, ge=0, description="CPUs kept free of training workers so Ray Data can decode"
+    )
+    max_failures: int = Field(2, ge=-1)
+    storage_path: str = "runs/ray"
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class TrackingConfig(_Section):
+    """MLflow: the URI comes from MLFLOW_TRACKING_URI or the SQLite store under runs/."""
+
+    experiment: str = "jlstm"
+    register_model: bool = True
+    attention_examples: int = Field(3, ge=0, description="test videos drawn as attention grids")
+
+
+class JlstmConfig(_Section):
+    """A whole run: which variant of the network, on which data, trained how."""
+
+    variant: str = "late_fusion"
+    run_name: str | None = None
+    model: dict[str, Any] = Field(default_factory=dict, description="overrides of the variant")
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check_model(self) -> JlstmConfig:
+        if self.variant not in VARIANTS:
+            raise ValueError(
+                f"variant = {self.variant!r} is not one of {sorted(VARIANTS)}"
+            )
+        if "num_classes" in self.model:
+            raise ValueError("model.num_classes is read from the dataset's manifest; remove it")
+        # num_classes is unknown until the manifest exists; 2 stands in so every other
+        # model key is checked now, before any work starts.
+        try:
+            self.resolve_model(num_classes=2)
+        except ValidationError as err:
+            raise ValueError(_format_errors(err, prefix="model.")) from None
+        return self
+
+    def resolve_model(self, num_classes: int) -> ModelConfig:
+        return model_config(self.variant, num_classes=num_classes, **self.model)
+
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.data.dataset}-split{self.data.split}-{self.variant}"
+
+
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        key = prefix + ".".join(str(part) for part in e["loc"])
+        given = e.get("input")
+        value = "" if isinstance(given, dict) else f" = {given!r}"
+        lines.append(f"{key or '<config>'}{value}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def _parse_override(override: str) -> tuple[list[str], Any]:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected key=value, e.g. train.lr=0.01")
+    # YAML parsing gives numbers, booleans, null and lists their natural types.
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `a.b.c=value` applied (value parsed as YAML)."""
+    merged = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for override in overrides:
+        path, value = _parse_override(override)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {override!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> JlstmConfig:
+    try:
+        return JlstmConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format_errors(err)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JlstmConfig:
+    """Read a YAML config, apply `--set` overrides, validate; raise ConfigError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return validate_config(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def config_to_yaml(cfg: JlstmConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,53 @@
+"""`jlstm demo`: the whole flow on embedded defaults, from nothing to a registered model.
+
+synthetic videos -> index -> feature cache -> 2-worker DDP training on local Ray ->
+evaluation -> MLflow run with plots and a registered model -> a printed summary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from data_shards import build_feature_cache, class_names, ensure_index, synthesize_dataset
+from orchestration.config import load_config
+from orchestration.trainer import init_ray, print_results, train_splits
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CLASSES = 4
+DEMO_VIDEOS_PER_CLASS = 24
+
+
+def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    cfg = load_config(
+        DEMO_CONFIG,
+        [
+            f"data.root={workdir / 'data'}",
+            f"data.feature_cache={workdir / 'features'}",
+            *(overrides or []),
+        ],
+    )
+    data_root = Path(cfg.data.root)
+    if not any(data_root.glob("UCF-101/*")):
+        print(f"[1/4] writing synthetic videos to {data_root}")
+        synthesize_dataset(
+            data_root, layout="ucf101", classes=DEMO_CLASSES,
+            videos_per_class=DEMO_VIDEOS_PER_CLASS, seed=cfg.data.seed,
+            frame_size=cfg.model["frame_size"] * 4 // 3,
+        )
+    init_ray()
+    print("[2/4] indexing (probing every video with Ray)")
+    manifest = ensure_index(cfg.data)
+    print("[3/4] caching frozen VGG16 taps")
+    build_feature_cache(cfg.data, cfg.resolve_model(len(class_names(manifest))))
+    print("[4/4] training with Ray Train (2 DDP workers), evaluating, logging to MLflow")
+    results = train_splits(cfg, [cfg.data.split])
+    print_results(results)
+    chance = 1 / len(class_names(manifest))
+    print(
+        f"demo finished in {time.perf_counter() - started:.0f} s; "
+        f"video top-1 {results[0].metrics['val_video_top1_vote']:.1%} (chance {chance:.0%})"
+    )
+    return 0

@@ -1,0 +1,320 @@
+"""The driver side of a training run: size the workers, launch TorchTrainer, log to MLflow.
+
+`train_split` is one (dataset, split, variant) run; `train_splits` runs several splits
+under one parent MLflow run whose metrics are the split averages (the paper's "average").
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import ray.train
+from mlflow.tracking import MlflowClient
+from ray.train.torch import TorchTrainer
+
+from data_shards import (
+    DataConfig,
+    build_datasets,
+    class_names,
+    decode_clip,
+    ensure_index,
+    quarantine_table,
+)
+from model import JointAttentionNet, ModelConfig, normalize_frames
+from orchestration import tracking
+from orchestration.config import ClusterConfig, ConfigError, JlstmConfig, config_to_yaml
+from orchestration.plots import plot_attention_overlay, plot_loss_curves
+from orchestration.train_loop import EVAL_DIR, load_state, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+RUN_NAME_TAG = "jlstm.run_name"
+# Set once a run's final model is logged: re-running a finished run name logs nothing twice.
+FINISHED_TAG = "jlstm.finished_epoch"
+VERSION_TAG = "jlstm.model_version"
+
+
+@dataclass
+class SplitResult:
+    """What one finished split leaves behind."""
+
+    run_id: str
+    metrics: dict[str, float]
+    checkpoint_dir: str
+    model_version: str | None
+    promoted: bool
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (or the one `ray job submit` runs in), else start one."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+
+
+# Ray Data's shuffle and repartition tasks ask for one whole CPU each, whatever the decode
+# stage's own budget, so at least this much is always left to the data pipeline.
+DATA_PIPELINE_MIN_CPUS = 1.0
+
+
+def worker_resources(cluster: ClusterConfig, decode_cpus: float) -> dict[str, float]:
+    """CPU (and GPU) per training worker, leaving enough CPU for Ray Data to run.
+
+    Two 1-CPU workers on a 2-CPU machine leave Ray Data nothing and the run waits forever
+    for resources, so the worker share is derived from what the cluster has.
+    """
+    total = ray.cluster_resources()
+    cpus = float(total.get("CPU", 0))
+    gpus = float(total.get("GPU", 0))
+    if cluster.use_gpu and gpus < cluster.num_workers:
+        raise ConfigError(
+            f"cluster.use_gpu = true with cluster.num_workers = {cluster.num_workers}, "
+            f"but the cluster has {gpus:g} GPUs"
+        )
+    reserve = max(decode_cpus, DATA_PIPELINE_MIN_CPUS)
+    free = cpus - reserve
+    per_worker = cluster.cpus_per_worker or free / cluster.num_workers
+    if per_worker <= 0 or per_worker * cluster.num_workers > free + 1e-9:
+        raise ConfigError(
+            f"cluster.num_workers = {cluster.num_workers} x cluster.cpus_per_worker = "
+            f"{per_worker:g} CPUs plus {reserve:g} CPU for Ray Data (data.decode_cpus = "
+            f"{decode_cpus:g}, at least {DATA_PIPELINE_MIN_CPUS:g}) does not fit the "
+            f"cluster's {cpus:g} CPUs; lower one of them (fractional CPUs are allowed)"
+        )
+    if cluster.cpus_per_worker is None and per_worker < 1:
+        warnings.warn(
+            f"{cluster.num_workers} training workers share {free:g} CPUs "
+            f"({per_worker:.2f} each) so that Ray Data keeps {reserve:g} CPU",
+            stacklevel=2,
+        )
+    resources = {"CPU": round(per_worker, 3)}
+    if cluster.use_gpu:
+        resources["GPU"] = 1.0
+    return resources
+
+
+def _start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -> str:
+    """The MLflow run of this run name: resumed when it exists, so a re-run continues it."""
+    client = MlflowClient()
+    name = cfg.resolved_run_name()
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    tags = {
+        RUN_NAME_TAG: name,
+        "dataset": cfg.data.dataset,
+        "split": str(cfg.data.split),
+        "variant": cfg.variant,
+    }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+class MlflowEpochLogger(ray.train.UserCallback):
+    """Logs each reported epoch to MLflow from the Train controller, so workers never wait."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+        rank0 = metrics[0]
+        numeric = {k: float(v) for k, v in rank0.items() if isinstance(v, int | float)}
+        client = MlflowClient(self.tracking_uri)
+        step = int(numeric.get("epoch", 0))
+        client.log_batch(
+            self.run_id,
+            metrics=[mlflow.entities.Metric(k, v, 0, step) for k, v in numeric.items()],
+        )
+
+
+def _attention_examples(
+    net: JointAttentionNet, cfg: JlstmConfig, manifest: Path, names: list[str], out_dir: Path
+) -> list[Path]:
+    """Attention grids (paper Fig. 6) for the first clip of a few test videos."""
+    table = pq.read_table(manifest).to_pandas()
+    test = table[table["subset"] == "test"].drop_duplicates("label").head(
+        cfg.tracking.attention_examples
+    )
+    model_cfg = net.cfg
+    paths = []
+    net.eval()
+    for row in test.itertuples():
+        frames = decode_clip(
+            row.video_path, 0, int(row.num_frames), model_cfg.clip_len,
+            cfg.data.frame_interval, model_cfg.frame_size,
+        )
+        import torch
+
+        with torch.no_grad():
+            out = net(normalize_frames(torch.as_tensor(frames)[None]))
+        predicted = names[int(out.step_logits[0, -1].argmax())]
+        path = out_dir / f"attention_{Path(row.video_path).stem}.png"
+        plot_attention_overlay(
+            frames, out.attention[0].numpy(), path,
+            title=f"{Path(row.video_path).name}: true {row.label_name}, predicted {predicted}",
+        )
+        paths.append(path)
+    return paths
+
+
+def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResult:
+    """Train and evaluate one split; everything lands in one MLflow run."""
+    uri = tracking.connect()
+    experiment_id = tracking.get_or_create_experiment(cfg.tracking.experiment)
+    init_ray()
+
+    manifest = ensure_index(cfg.data)
+    names = class_names(manifest)
+    model_cfg = cfg.resolve_model(num_classes=len(names))
+    datasets = build_datasets(cfg.data, model_cfg)
+    resources = worker_resources(cfg.cluster, cfg.data.decode_cpus)
+
+    run_id = _start_run(cfg, experiment_id, parent_run_id)
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.yaml"
+        config_path.write_text(config_to_yaml(cfg))
+        client.log_artifact(run_id, str(config_path))
+        quarantine = Path(tmp) / "quarantine.csv"
+        quarantine_table(cfg.data).to_pandas().to_csv(quarantine, index=False)
+        client.log_artifact(run_id, str(quarantine))
+    existing = client.get_run(run_id).data.params
+    params = tracking.flatten_params(cfg.model_dump(mode="json"))
+    params |= tracking.flatten_params(model_cfg.model_dump(mode="json"), prefix="resolved_model.")
+    for key, value in params.items():
+        if key not in existing:
+            client.log_param(run_id, key, value)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "model_config": model_cfg.model_dump(mode="json"),
+            "class_names": names,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.resolved_run_name(),
+            storage_path=str(Path(cfg.cluster.storage_path).resolve())
+            if "://" not in cfg.cluster.storage_path
+            else cfg.cluster.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.cluster.checkpoints_to_keep
+            ),
+            callbacks=[MlflowEpochLogger(uri, run_id)],
+        ),
+        datasets=datasets,
+        # The val set stays whole: rank 0 scores every test clip exactly once.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.resolved_run_name()!r} finished without a checkpoint")
+    return _finish_run(cfg, run_id, result.checkpoint, manifest, names)
+
+
+def _finish_run(
+    cfg: JlstmConfig, run_id: str, checkpoint: ray.train.Checkpoint, manifest: Path,
+    names: list[str],
+) -> SplitResult:
+    """Log the last epoch's evaluation, plots and the model; move the champion alias."""
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    with checkpoint.as_directory() as ckpt_dir:
+        state = load_state(Path(ckpt_dir))
+        history = state["history"]
+        final = {k: float(v) for k, v in history[-1].items() if isinstance(v, int | float)}
+        if tags.get(FINISHED_TAG) == str(state["epoch"]):
+            log.info("run %s already finished at epoch %d: nothing to log", run_id, state["epoch"])
+            return SplitResult(run_id, final, checkpoint.path, tags.get(VERSION_TAG), False)
+        client.log_artifacts(run_id, str(Path(ckpt_dir) / EVAL_DIR), "evaluation")
+    net = JointAttentionNet(ModelConfig.model_validate(state["model_config"]))
+    net.load_state_dict(state["model"])
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = [plot_loss_curves(history, Path(tmp) / "loss_curves.png")]
+        plots += _attention_examples(net, cfg, manifest, names, Path(tmp))
+        for path in plots:
+            client.log_artifact(run_id, str(path), "plots")
+
+    version, promoted = None, False
+    with mlflow.start_run(run_id=run_id):
+        registered = (
+            tracking.registered_model_name(cfg.data.dataset)
+            if cfg.tracking.register_model
+            else None
+        )
+        info = tracking.log_model(net, net.cfg, names, registered_model_name=registered)
+        if registered:
+            version = str(info.registered_model_version)
+            promoted = tracking.promote_if_better(
+                registered, version, split=cfg.data.split,
+                video_top1=final["val_video_top1_vote"],
+            )
+            mlflow.set_tag(VERSION_TAG, version)
+        mlflow.set_tag(FINISHED_TAG, str(state["epoch"]))
+    return SplitResult(run_id, final, checkpoint.path, version, promoted)
+
+
+def train_splits(cfg: JlstmConfig, splits: list[int]) -> list[SplitResult]:
+    """One run per split; with several, a parent run holds their average (the paper's rows)."""
+    if len(splits) == 1:
+        return [train_split(cfg.model_copy(update={"data": _with_split(cfg, splits[0])}))]
+    tracking.connect()
+    experiment_id = tracking.get_or_create_experiment(cfg.tracking.experiment)
+    parent_cfg = cfg.model_copy(
+        update={"run_name": f"{cfg.data.dataset}-splits{'+'.join(map(str, splits))}-{cfg.variant}"}
+    )
+    parent_id = _start_run(parent_cfg, experiment_id, None)
+    results = [
+        train_split(
+            cfg.model_copy(update={"data": _with_split(cfg, split), "run_name": None}),
+            parent_run_id=parent_id,
+        )
+        for split in splits
+    ]
+    client = MlflowClient()
+    for key in results[0].metrics:
+        if key.startswith("val_"):
+            average = float(np.mean([r.metrics[key] for r in results]))
+            client.log_metric(parent_id, f"avg_{key}", average)
+    return results
+
+
+def _with_split(cfg: JlstmConfig, split: int) -> DataConfig:
+    """The data section for `split`; another split has its own default manifest."""
+    if split == cfg.data.split:
+        return cfg.data
+    return cfg.data.model_copy(update={"split": split, "manifest": None})
+
+
+SUMMARY_METRICS = ("val_clip_top1_vote", "val_video_top1_vote", "val_video_top1_prob",
+                   "val_video_top5_prob", "val_video_mean_class_vote")
+
+
+def print_results(results: list[SplitResult]) -> None:
+    """A table of each split's test metrics, and where to look in MLflow."""
+    print(f"{'run':34s}" + "".join(f"{m.removeprefix('val_'):>22s}" for m in SUMMARY_METRICS))
+    for r in results:
+        row = "".join(f"{r.metrics.get(m, float('nan')):22.3f}" for m in SUMMARY_METRICS)
+        print(f"{r.run_id:34s}{row}")
+        status = "now champion" if r.promoted else "champion unchanged"
+        print(f"  model version {r.model_version} ({status}); checkpoint {r.checkpoint_dir}")
+    uri = tracking.tracking_uri()
+    hint = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
+    print(f"browse the runs: {hint}")

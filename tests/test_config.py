@@ -1,0 +1,72 @@
+"""Config refusals: a bad key or value is refused before any work, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestration.cli import main
+from orchestration.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    if path.name.startswith("tune_"):
+        pytest.skip("sweep configs are validated by tune_spaces")
+    cfg = load_config(path)
+    assert cfg.resolve_model(num_classes=101).num_classes == 101
+
+
+def test_paper_settings() -> None:
+    cfg = load_config(CONFIGS / "ucf101_late_fusion.yaml")
+    m = cfg.resolve_model(num_classes=101)
+    assert (m.frame_size, m.clip_len, m.last_steps, m.hidden_size, m.num_layers) == (
+        384, 30, 16, 1024, 3)
+    assert m.attention_reg_weight == 1000 and cfg.train.weight_decay == 1e-5
+    assert cfg.train.batch_size == 64 and m.fusion == "late"
+    assert load_config(CONFIGS / "hmdb51_early_fusion.yaml").resolve_model(51).fusion == "early"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.learning_rate=0.1", "train.learning_rate"),
+        ("model.fusion=middle", "fusion"),
+        ("model.attention_reg_weight=-1", "attention_reg_weight"),
+        ("data.split=4", "data.split"),
+        ("train.lr=-0.5", "train.lr"),
+        ("variant=resnet", "variant"),
+        ("cluster.num_workers=0", "cluster.num_workers"),
+    ],
+)
+def test_bad_key_or_value_is_refused_naming_it(override: str, named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", [override])
+    message = str(err.value)
+    assert named in message
+    assert "demo.yaml" in message
+
+
+def test_overrides_are_parsed_as_yaml() -> None:
+    cfg = load_config(
+        CONFIGS / "demo.yaml",
+        ["train.epochs=3", "model.taps=[conv5_3]", "cluster.cpus_per_worker=0.5"],
+    )
+    assert cfg.train.epochs == 3
+    assert cfg.resolve_model(4).taps == ["conv5_3"]
+    assert cfg.cluster.cpus_per_worker == 0.5
+
+
+def test_cli_refuses_bad_config_before_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    raw = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    raw["model"]["fusion"] = "sideways"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "model.fusion" in err and "sideways" in err
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,107 @@
+"""Feature cache: rows equal a direct backbone forward (fp16), and a stale cache is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_shards import (
+    DataConfig,
+    StaleCacheError,
+    build_datasets,
+    build_feature_cache,
+    decode_clip,
+    index_videos,
+    load_manifest,
+)
+from data_shards.synth import synthesize_dataset
+from model import ModelConfig, VGG16Taps, normalize_frames
+
+TAPS = ["pool4", "conv5_3"]
+
+
+@pytest.fixture(scope="module")
+def cached(
+    ray_cluster: None, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[DataConfig, ModelConfig]:
+    """2 classes x 3 videos, indexed, with a cache built from saved VGG16 weights."""
+    tmp = tmp_path_factory.mktemp("cache")
+    root = synthesize_dataset(
+        tmp / "data", classes=2, videos_per_class=3, frame_size=40, num_frames=20
+    )
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALIZED"):
+        torch.save(VGG16Taps(TAPS, 2, weights=None).state_dict(), tmp / "vgg.pt")
+    model_cfg = ModelConfig(
+        num_classes=2,
+        frame_size=32,
+        clip_len=6,
+        last_steps=3,
+        taps=TAPS,
+        map_size=2,
+        backbone_weights=str(tmp / "vgg.pt"),
+    )
+    data_cfg = DataConfig(
+        dataset="ucf101",
+        root=str(root),
+        train_stride=5,
+        decode_cpus=0.5,
+        feature_cache=str(tmp / "features"),
+        use_feature_cache=True,
+    )
+    index_videos(data_cfg, show_progress=False)
+    info = build_feature_cache(data_cfg, model_cfg, use_gpu=False)
+    assert (info.num_videos, info.num_failed) == (6, 0)
+    assert info.bytes_per_video > 0 and info.total_bytes == pytest.approx(6 * info.bytes_per_video)
+    return data_cfg, model_cfg
+
+
+def test_cache_rows_match_a_direct_backbone_forward(cached: tuple[DataConfig, ModelConfig]) -> None:
+    data_cfg, model_cfg = cached
+    datasets = build_datasets(data_cfg, model_cfg)
+    manifest = load_manifest(data_cfg).to_pydict()
+    paths = dict(zip(manifest["video_id"], manifest["video_path"], strict=True))
+    num_frames = dict(zip(manifest["video_id"], manifest["num_frames"], strict=True))
+    backbone = VGG16Taps(TAPS, 2, weights=model_cfg.backbone_weights).eval()
+    for name in ("train", "val"):
+        rows = datasets[name].take_all()
+        assert rows and all(r["ok"] for r in rows)
+        for row in rows[:3]:
+            frames = decode_clip(
+                paths[row["video_id"]],
+                int(row["clip_start"]),
+                num_frames[row["video_id"]],
+                6,
+                1,
+                32,
+            )
+            with torch.no_grad():
+                direct = backbone(normalize_frames(torch.from_numpy(frames)[None])[0])
+            for tap in TAPS:
+                cached_taps = row[f"taps_{tap}"]
+                assert cached_taps.dtype == np.float16 and cached_taps.shape == (6, 512, 2, 2)
+                expected = direct[tap].numpy()
+                scale = float(np.abs(expected).max())
+                np.testing.assert_allclose(
+                    cached_taps.astype(np.float32), expected, rtol=1e-2, atol=1e-3 * scale
+                )
+
+
+def test_a_stale_cache_is_refused(cached: tuple[DataConfig, ModelConfig], tmp_path: Path) -> None:
+    data_cfg, model_cfg = cached
+    with pytest.raises(StaleCacheError, match="train_stride: cache has 5, config wants 3"):
+        build_datasets(data_cfg.model_copy(update={"train_stride": 3}), model_cfg)
+    with pytest.raises(StaleCacheError, match="map_size"):
+        build_datasets(data_cfg, model_cfg.model_copy(update={"map_size": 1}))
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALIZED"):
+        torch.save(VGG16Taps(TAPS, 2, weights=None).state_dict(), tmp_path / "other.pt")
+    other = model_cfg.model_copy(update={"backbone_weights": str(tmp_path / "other.pt")})
+    with pytest.raises(StaleCacheError, match="backbone_weights_digest"):
+        build_datasets(data_cfg, other)
+    empty = data_cfg.model_copy(update={"feature_cache": str(tmp_path / "none")})
+    with pytest.raises(StaleCacheError, match="no feature cache"):
+        build_datasets(empty, model_cfg)
