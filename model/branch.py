@@ -66,6 +66,20 @@ class SupervisionHead(nn.Module):
         return self.mlp(maps.mean(dim=(-2, -1)))
 
 
+def init_relu_convs_(module: nn.Module) -> None:
+    """He (fan-in, ReLU) init for every conv in `module`, zero biases.
+
+    PyTorch's default conv init shrinks the activations by about sqrt(3) per ReLU layer;
+    after the adapter and two temporal convs the LSTM inputs were nearly constant and the
+    network did not even memorize 48 clips (measured). He init keeps their scale.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d | nn.Conv3d):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 class Branch(nn.Module):
     """Everything h-independent of one tap, batched over all T steps.
 
@@ -90,6 +104,7 @@ class Branch(nn.Module):
             conv = TemporalConv3d if temporal == "conv3d" else TemporalConv2d
             self.temporal = conv(channels)
             self.head = SupervisionHead(channels, supervision_hidden, num_classes)
+        init_relu_convs_(self)
 
     def forward(self, taps: Tensor) -> tuple[Tensor, Tensor | None]:
         weight = self.adapter[0].weight
