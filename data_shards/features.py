@@ -99,6 +99,12 @@ def check_cache(data_cfg: DataConfig, model_cfg, manifest: pa.Table | None = Non
             "run `jlstm data features` first"
         )
     found = json.loads(key_path.read_text())
+    cached_taps = list(found.get("taps", []))
+    if set(model_cfg.taps) < set(cached_taps):
+        # A cache of more taps serves any subset (a sweep over branches builds one cache):
+        # a tap depends only on the VGG16 layers before it, which the deeper backbone of the
+        # cache shares, so the key is compared as if the config asked for the cache's taps.
+        model_cfg = model_cfg.model_copy(update={"taps": cached_taps})
     wanted = cache_key(data_cfg, model_cfg, manifest or load_manifest(data_cfg))
     differ = [k for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k)]
     if differ:
@@ -193,22 +199,42 @@ def _clear(cache_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _info(cache_dir: Path, index: pa.Table, key: dict) -> CacheInfo:
+    ok = index.filter(index["ok"])
+    total = int(np.sum(ok["bytes"].to_numpy())) if ok.num_rows else 0
+    return CacheInfo(
+        cache_dir,
+        index.num_rows,
+        index.num_rows - ok.num_rows,
+        total,
+        total / max(ok.num_rows, 1),
+        key,
+    )
+
+
 def build_feature_cache(
-    data_cfg: DataConfig, model_cfg, *, use_gpu: bool | None = None
+    data_cfg: DataConfig, model_cfg, *, use_gpu: bool | None = None, rebuild: bool = False
 ) -> CacheInfo:
     """Run the frozen taps over every needed frame of the manifest's videos, fp16 on disk.
 
-    `use_gpu=None` uses GPUs when the Ray cluster has any: one actor per GPU; otherwise one
-    CPU actor per 2 cluster CPUs. The key file is written last, so an interrupted build is
-    never mistaken for a complete one.
+    A cache whose key matches is reused as it is unless `rebuild`. `use_gpu=None` uses GPUs
+    when the Ray cluster has any: one actor per GPU; otherwise one CPU actor per 2 cluster
+    CPUs. The key file is written last, so an interrupted build is never mistaken for a
+    complete one.
     """
     if not data_cfg.feature_cache:
         raise ValueError("feature_cache = None: set data.feature_cache to a directory")
     cache_dir = Path(data_cfg.feature_cache)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _clear(cache_dir)
     manifest = load_manifest(data_cfg)
     key = cache_key(data_cfg, model_cfg, manifest)
+    if not rebuild and (cache_dir / KEY_FILE).is_file():
+        try:
+            found = check_cache(data_cfg, model_cfg, manifest)
+            return _info(cache_dir, pq.read_table(cache_dir / INDEX_FILE), found)
+        except StaleCacheError:
+            pass
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _clear(cache_dir)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     use_gpu = gpus > 0 if use_gpu is None else use_gpu
@@ -234,16 +260,7 @@ def build_feature_cache(
     index = pa.concat_tables(ray.get(results)).sort_by("video_id")
     pq.write_table(index, cache_dir / INDEX_FILE)
     (cache_dir / KEY_FILE).write_text(json.dumps(key, indent=2))
-    ok = index.filter(index["ok"])
-    total = int(np.sum(ok["bytes"].to_numpy())) if ok.num_rows else 0
-    return CacheInfo(
-        cache_dir,
-        index.num_rows,
-        index.num_rows - ok.num_rows,
-        total,
-        total / max(ok.num_rows, 1),
-        key,
-    )
+    return _info(cache_dir, index, key)
 
 
 def read_cached_batch(

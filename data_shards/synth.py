@@ -14,7 +14,8 @@ import av
 import numpy as np
 
 FPS = 25
-# Directions (dy, dx) in pixels per frame at speed 1; classes are direction x speed.
+# Directions (dy, dx) at speed 1; classes are direction x speed. Speeds are pixels per frame
+# at a 64 px frame and scale with the frame size, so a dataset looks the same at any size.
 _DIRECTIONS = {
     "East": (0, 1),
     "West": (0, -1),
@@ -162,6 +163,7 @@ def synthesize_dataset(
     out = Path(out_dir)
     specs = _class_specs(classes)
     pools = _pools(frame_size, seed)
+    scale = frame_size / 64
     rng = np.random.default_rng([seed, 1])
     files: dict[str, list[tuple[str, int]]] = {}
     for name, dy, dx in specs:
@@ -176,7 +178,8 @@ def synthesize_dataset(
             else:
                 rel = f"{name.lower()}_video_{i:02d}.avi"
                 video_path = out / "hmdb51" / name.lower() / rel
-            frames = _motion_frames(num_frames, frame_size, dy, dx, _pick_look(pools, rng))
+            look = _pick_look(pools, rng)
+            frames = _motion_frames(num_frames, frame_size, dy * scale, dx * scale, look)
             write_video(video_path, frames)
             files[name].append((rel, group))
     if layout == "ucf101":

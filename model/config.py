@@ -52,6 +52,11 @@ class ModelConfig(BaseModel):
         None, description="local path to a torchvision VGG16 state dict; None = random init"
     )
     conv3d_grad_from_lstm: bool = True
+    center_taps: bool = Field(
+        False,
+        description="subtract each clip's temporal mean from the taps before the adapter: "
+        "leaves only what changes over time (for a random, untrained backbone)",
+    )
     attention_reg_weight: float = Field(1000.0, ge=0.0, description="lambda")
     supervision_weight: float = Field(1.0, ge=0.0, description="alpha")
     prediction: Literal["vote", "prob"] = "vote"

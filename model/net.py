@@ -130,7 +130,12 @@ class JointAttentionNet(nn.Module):
         """Everything after the backbone. ``taps[tap]: [B, T, 512, K, K]``, any float dtype."""
         branch_maps, branch_logits = [], []
         for tap, branch in self.branches.items():
-            maps, logits = branch(taps[tap])
+            tap_maps = taps[tap]
+            if self.cfg.center_taps:
+                # A random VGG16 maps every frame of a clip to nearly the same taps (static
+                # content dominates); without the clip's mean, the motion is what is left.
+                tap_maps = tap_maps.float() - tap_maps.float().mean(dim=1, keepdim=True)
+            maps, logits = branch(tap_maps)
             branch_maps.append(maps)
             branch_logits.append(logits)
         maps = torch.stack(branch_maps, dim=1)  # Y: [B, nb, T, C, K, K]

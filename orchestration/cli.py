@@ -67,8 +67,13 @@ def _cmd_features(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     init_ray()
     manifest = ensure_index(cfg.data)
-    info = build_feature_cache(cfg.data, cfg.resolve_model(len(class_names(manifest))))
-    print(info)
+    info = build_feature_cache(
+        cfg.data, cfg.resolve_model(len(class_names(manifest))), rebuild=args.rebuild
+    )
+    print(
+        f"feature cache {info.cache_dir}: {info.num_videos} videos ({info.num_failed} failed), "
+        f"{info.total_bytes / 2**20:.1f} MiB, {info.bytes_per_video / 2**20:.2f} MiB per video"
+    )
     return 0
 
 
@@ -80,6 +85,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from data_shards.cli import add_data_commands
+    from tune_spaces.cli import add_tune_command
 
     parser = argparse.ArgumentParser(
         prog="jlstm",
@@ -96,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "features", help="compute the frozen VGG16 taps once and cache them (fp16 Parquet)"
     )
     _add_config_args(features)
+    features.add_argument("--rebuild", action="store_true", help="rebuild even a fresh cache")
     features.set_defaults(func=_cmd_features)
 
     train = commands.add_parser("train", help="train with Ray Train DDP, evaluate, log to MLflow")
@@ -125,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="runs/demo", help="where the demo's data goes")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(func=_cmd_demo)
+    add_tune_command(commands)
     return parser
 
 

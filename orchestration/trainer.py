@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,7 @@ def worker_resources(cluster: ClusterConfig, decode_cpus: float) -> dict[str, fl
     return resources
 
 
-def _start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -> str:
+def start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -> str:
     """The MLflow run of this run name: resumed when it exists, so a re-run continues it."""
     client = MlflowClient()
     name = cfg.resolved_run_name()
@@ -132,9 +133,10 @@ class MlflowEpochLogger(ray.train.UserCallback):
         numeric = {k: float(v) for k, v in rank0.items() if isinstance(v, int | float)}
         client = MlflowClient(self.tracking_uri)
         step = int(numeric.get("epoch", 0))
+        now_ms = int(time.time() * 1000)
         client.log_batch(
             self.run_id,
-            metrics=[mlflow.entities.Metric(k, v, 0, step) for k, v in numeric.items()],
+            metrics=[mlflow.entities.Metric(k, v, now_ms, step) for k, v in numeric.items()],
         )
 
 
@@ -168,19 +170,58 @@ def _attention_examples(
     return paths
 
 
-def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResult:
-    """Train and evaluate one split; everything lands in one MLflow run."""
-    uri = tracking.connect()
-    experiment_id = tracking.get_or_create_experiment(cfg.tracking.experiment)
-    init_ray()
+@dataclass
+class PreparedData:
+    """What a run needs before its trainer starts: manifest, classes, model, datasets."""
 
+    manifest: Path
+    class_names: list[str]
+    model_cfg: ModelConfig
+    datasets: dict[str, ray.data.Dataset]
+
+
+def prepare_data(cfg: JlstmConfig) -> PreparedData:
+    """Index the videos when needed and build the Ray datasets of `cfg.data`."""
     manifest = ensure_index(cfg.data)
     names = class_names(manifest)
     model_cfg = cfg.resolve_model(num_classes=len(names))
-    datasets = build_datasets(cfg.data, model_cfg)
-    resources = worker_resources(cfg.cluster, cfg.data.decode_cpus)
+    return PreparedData(manifest, names, model_cfg, build_datasets(cfg.data, model_cfg))
 
-    run_id = _start_run(cfg, experiment_id, parent_run_id)
+
+def build_trainer(
+    cfg: JlstmConfig, data: PreparedData, callbacks: list[ray.train.UserCallback]
+) -> TorchTrainer:
+    """A TorchTrainer for `cfg`: DDP workers sized to the cluster, checkpoint every epoch."""
+    storage = cfg.cluster.storage_path
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "model_config": data.model_cfg.model_dump(mode="json"),
+            "class_names": data.class_names,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker=worker_resources(cfg.cluster, cfg.data.decode_cpus),
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.resolved_run_name(),
+            storage_path=storage if "://" in storage else str(Path(storage).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.cluster.checkpoints_to_keep
+            ),
+            callbacks=callbacks,
+        ),
+        datasets=data.datasets,
+        # The val set stays whole: rank 0 scores every test clip exactly once.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def log_run_inputs(cfg: JlstmConfig, run_id: str, model_cfg: ModelConfig) -> None:
+    """Params (the flattened config), the config YAML and the quarantine table."""
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.yaml"
@@ -196,42 +237,23 @@ def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResu
         if key not in existing:
             client.log_param(run_id, key, value)
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "model_config": model_cfg.model_dump(mode="json"),
-            "class_names": names,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.num_workers,
-            use_gpu=cfg.cluster.use_gpu,
-            resources_per_worker=resources,
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.resolved_run_name(),
-            storage_path=str(Path(cfg.cluster.storage_path).resolve())
-            if "://" not in cfg.cluster.storage_path
-            else cfg.cluster.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.cluster.checkpoints_to_keep
-            ),
-            callbacks=[MlflowEpochLogger(uri, run_id)],
-        ),
-        datasets=datasets,
-        # The val set stays whole: rank 0 scores every test clip exactly once.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
+
+def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResult:
+    """Train and evaluate one split; everything lands in one MLflow run."""
+    uri = tracking.connect()
+    experiment_id = tracking.get_or_create_experiment(cfg.tracking.experiment)
+    init_ray()
+    data = prepare_data(cfg)
+    run_id = start_run(cfg, experiment_id, parent_run_id)
+    log_run_inputs(cfg, run_id, data.model_cfg)
+    result = build_trainer(cfg, data, [MlflowEpochLogger(uri, run_id)]).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.resolved_run_name()!r} finished without a checkpoint")
-    return _finish_run(cfg, run_id, result.checkpoint, manifest, names)
+    return finish_run(cfg, run_id, result.checkpoint, data)
 
 
-def _finish_run(
-    cfg: JlstmConfig, run_id: str, checkpoint: ray.train.Checkpoint, manifest: Path,
-    names: list[str],
+def finish_run(
+    cfg: JlstmConfig, run_id: str, checkpoint: ray.train.Checkpoint, data: PreparedData
 ) -> SplitResult:
     """Log the last epoch's evaluation, plots and the model; move the champion alias."""
     client = MlflowClient()
@@ -248,7 +270,7 @@ def _finish_run(
     net.load_state_dict(state["model"])
     with tempfile.TemporaryDirectory() as tmp:
         plots = [plot_loss_curves(history, Path(tmp) / "loss_curves.png")]
-        plots += _attention_examples(net, cfg, manifest, names, Path(tmp))
+        plots += _attention_examples(net, cfg, data.manifest, data.class_names, Path(tmp))
         for path in plots:
             client.log_artifact(run_id, str(path), "plots")
 
@@ -259,7 +281,9 @@ def _finish_run(
             if cfg.tracking.register_model
             else None
         )
-        info = tracking.log_model(net, net.cfg, names, registered_model_name=registered)
+        info = tracking.log_model(
+            net, net.cfg, data.class_names, registered_model_name=registered
+        )
         if registered:
             version = str(info.registered_model_version)
             promoted = tracking.promote_if_better(
@@ -280,7 +304,7 @@ def train_splits(cfg: JlstmConfig, splits: list[int]) -> list[SplitResult]:
     parent_cfg = cfg.model_copy(
         update={"run_name": f"{cfg.data.dataset}-splits{'+'.join(map(str, splits))}-{cfg.variant}"}
     )
-    parent_id = _start_run(parent_cfg, experiment_id, None)
+    parent_id = start_run(parent_cfg, experiment_id, None)
     results = [
         train_split(
             cfg.model_copy(update={"data": _with_split(cfg, split), "run_name": None}),

@@ -404,3 +404,20 @@ def test_forward_accepts_cached_taps_dict() -> None:
         from_taps = net({k: v.half() for k, v in net.extract_taps(frames).items()})
         from_frames = net(frames)
     torch.testing.assert_close(from_taps.step_logits, from_frames.step_logits, atol=1e-2, rtol=0)
+
+
+def test_center_taps_keeps_only_what_changes_over_time() -> None:
+    net = build_model(
+        "late_fusion", num_classes=3, frame_size=64, clip_len=4, last_steps=2, map_size=2,
+        channels=8, hidden_size=8, num_layers=1, supervision_hidden=8, center_taps=True,
+    ).eval()
+    static_a = torch.randn(1, 1, 512, 2, 2).expand(1, 4, 512, 2, 2)
+    static_b = torch.randn(1, 1, 512, 2, 2).expand(1, 4, 512, 2, 2)
+    moving = static_a + torch.randn(1, 4, 512, 2, 2)
+    with torch.no_grad():
+        out_a, out_b, out_moving = (
+            net.forward_taps({"pool4": x, "conv5_3": x}).step_logits
+            for x in (static_a, static_b, moving)
+        )
+    torch.testing.assert_close(out_a, out_b)
+    assert not torch.allclose(out_a, out_moving)

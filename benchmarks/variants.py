@@ -1,0 +1,197 @@
+"""Synthetic video top-1 of the paper's variants: late_fusion vs vgg_lstm vs single_conv5_3.
+
+One synthetic dataset is generated, indexed and cached (pool4 + conv5_3 taps; the cache of
+more taps serves single_conv5_3 too), then each variant is trained from scratch by Ray Train
+(`build_trainer(...).fit()`, no MLflow) with the demo's model sizes and training settings
+from configs/demo.yaml (--epochs 6 by default instead of its 12, to fit ~8 minutes on
+2 cores), the same epochs and seed for all, and evaluated on every test clip. Figures:
+the last epoch's val_video_top1_vote and val_video_top1_prob per variant (and the per-epoch
+curve), against chance = 1 / classes.
+
+    python benchmarks/variants.py --out benchmarks/results/variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+import pyarrow.compute as pc
+import ray
+import ray.train
+import torch
+
+from data_shards import build_feature_cache, ensure_index, load_manifest, synthesize_dataset
+from model import JointAttentionNet
+from orchestration.config import JlstmConfig, load_config
+from orchestration.trainer import build_trainer, init_ray, prepare_data
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+VARIANTS = ("late_fusion", "vgg_lstm", "single_conv5_3")
+CACHE_TAPS = ("pool4", "conv5_3")  # serves all three variants
+REPORTED = (
+    "val_video_top1_vote",
+    "val_video_top1_prob",
+    "val_clip_top1_vote",
+    "val_video_mean_class_vote",
+    "train_clip_top1",
+    "loss_total",
+    "loss_lstm",
+)
+
+
+class EpochLog(ray.train.UserCallback):
+    """Appends each report's time and rank 0's numeric metrics to a JSONL file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+        row = {k: float(v) for k, v in metrics[0].items() if isinstance(v, int | float)}
+        row["t"] = time.time()
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def train_variant(base: JlstmConfig, variant: str, workdir: Path) -> dict[str, Any]:
+    cfg = JlstmConfig.model_validate(
+        {**base.model_dump(mode="json"), "variant": variant, "run_name": f"bench-{variant}"}
+    )
+    log = workdir / f"{variant}.jsonl"
+    log.unlink(missing_ok=True)
+    started = time.time()
+    data = prepare_data(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # worker_resources' fractional-CPU warning
+        trainer = build_trainer(cfg, data, callbacks=[EpochLog(str(log))])
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"variant {variant} failed") from result.error
+    epochs = [json.loads(line) for line in log.read_text().splitlines()]
+    final = epochs[-1]
+    return {
+        "variant": variant,
+        "taps": list(data.model_cfg.taps),
+        "temporal": data.model_cfg.temporal,
+        "trainable_params": sum(
+            p.numel() for p in JointAttentionNet(data.model_cfg).parameters() if p.requires_grad
+        ),
+        "wall_s": round(time.time() - started, 1),
+        "epochs": len(epochs),
+        "final": {k: round(final[k], 4) for k in REPORTED if k in final},
+        "per_epoch": {
+            k: [round(e[k], 4) for e in epochs if k in e]
+            for k in ("val_video_top1_vote", "val_video_top1_prob", "loss_total")
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/variants.json")
+    parser.add_argument("--workdir", type=Path, help="default: a temp dir, removed at the end")
+    parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as `jlstm train --set` (repeatable)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--videos-per-class", type=int, default=8,
+                        help="the demo has 24; fewer keep the default run under ~8 minutes")
+    parser.add_argument("--num-frames", type=int, default=48)
+    parser.add_argument("--epochs", type=int, default=6,
+                        help="epochs of every variant (the demo has 12); 0: the config's")
+    args = parser.parse_args()
+
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="jlstm-variants-")
+        args.workdir = Path(tmp.name)
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    overrides = [
+        f"data.root={workdir / 'data'}",
+        f"data.feature_cache={workdir / 'features'}",
+        "data.use_feature_cache=true",
+        f"cluster.storage_path={workdir / 'ray'}",
+        *(["train.epochs=" + str(args.epochs)] if args.epochs else []),
+        *args.set,
+    ]
+    base = load_config(args.config, overrides)
+    variants = [v for v in args.variants.split(",") if v]
+    started = time.time()
+    init_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        root = Path(base.data.root)
+        synthesize_dataset(
+            root, layout="ucf101", classes=args.classes,
+            videos_per_class=args.videos_per_class, seed=base.data.seed,
+            frame_size=base.model["frame_size"] * 4 // 3, num_frames=args.num_frames,
+        )
+        ensure_index(base.data)
+        manifest = load_manifest(base.data)
+        cache_cfg = base.resolve_model(num_classes=args.classes).model_copy(
+            update={"taps": list(CACHE_TAPS)}
+        )
+        cache_started = time.time()
+        build_feature_cache(base.data, cache_cfg)
+        cache_s = time.time() - cache_started
+        results = {}
+        for variant in variants:
+            results[variant] = train_variant(base, variant, workdir)
+            print(json.dumps(results[variant]), flush=True)
+    finally:
+        ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+
+    figures = {
+        v: {k: r["final"].get(k) for k in ("val_video_top1_vote", "val_video_top1_prob")}
+        for v, r in results.items()
+    }
+    result = {
+        "benchmark": "variants",
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "platform": platform.platform(),
+        },
+        "load_average_start": load_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "total_s": round(time.time() - started, 1),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "config": base.model_dump(mode="json"),
+        "setup": {
+            "classes": args.classes,
+            "chance": round(1 / args.classes, 4),
+            "train_videos": int(pc.sum(pc.equal(manifest["subset"], "train")).as_py()),
+            "test_videos": int(pc.sum(pc.equal(manifest["subset"], "test")).as_py()),
+            "cache_taps": list(CACHE_TAPS),
+            "cache_build_s": round(cache_s, 1),
+        },
+        "figures": figures,
+        "runs": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"figures": figures, "setup": result["setup"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
