@@ -1,0 +1,292 @@
+"""End-to-end training: 2 DDP workers on the session's local Ray cluster, tracked in MLflow.
+
+One tiny synthetic dataset (real AVI files) and one trained run are shared by the module;
+the other tests resume it, predict with it, kill a worker of another run, and refuse an
+unreachable tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import decord
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from mlflow_server import free_port, running_mlflow_server
+
+from data_shards import clip_starts, decode_clip, synthesize_dataset
+from orchestration import tracking
+from orchestration.config import JlstmConfig, validate_config
+from orchestration.train_loop import load_state
+from orchestration.trainer import FINISHED_TAG, SplitResult, train_split
+
+REPO = Path(__file__).resolve().parent.parent
+EPOCHS = 3
+
+
+def tiny_config(root: Path, storage: Path, run_name: str, **sections: dict[str, Any]) -> dict:
+    """A config small enough to train 2 DDP workers on 2 CPUs in well under a minute."""
+    raw: dict[str, Any] = {
+        "variant": "late_fusion",
+        "run_name": run_name,
+        "model": {
+            "frame_size": 64, "clip_len": 4, "last_steps": 2, "map_size": 8,
+            "taps": ["conv4_3"], "channels": 16, "hidden_size": 32, "num_layers": 1,
+            "supervision_hidden": 16, "attention_reg_weight": 10.0, "center_taps": True,
+        },
+        "data": {
+            "dataset": "ucf101", "root": str(root), "train_stride": 2, "frame_interval": 3,
+            "decode_cpus": 0.5,
+        },
+        "train": {"epochs": EPOCHS, "batch_size": 8, "lr": 0.01},
+        "cluster": {"num_workers": 2, "storage_path": str(storage)},
+        "tracking": {"experiment": "test-train", "attention_examples": 1},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("videos")
+    return synthesize_dataset(
+        root, layout="ucf101", classes=2, videos_per_class=6, seed=3, frame_size=64, num_frames=16
+    )
+
+
+@pytest.fixture(scope="module")
+def sqlite_tracking(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def trained(
+    ray_cluster: None, dataset: Path, sqlite_tracking: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[JlstmConfig, SplitResult]:
+    storage = tmp_path_factory.mktemp("ray_storage")
+    cfg = validate_config(tiny_config(dataset, storage, "tiny-late"))
+    return cfg, train_split(cfg)
+
+
+def test_training_run_is_tracked(trained: tuple[JlstmConfig, SplitResult]) -> None:
+    _, result = trained
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.data.params["train.epochs"] == str(EPOCHS)
+    assert run.data.params["model.taps"] == '["conv4_3"]'
+    assert run.data.tags["dataset"] == "ucf101" and run.data.tags["split"] == "1"
+    for metric in ("loss_total", "loss_lstm", "loss_supervision", "loss_attention_reg",
+                   "val_video_top1_vote"):
+        steps = [m.step for m in client.get_metric_history(result.run_id, metric)]
+        assert steps == list(range(1, EPOCHS + 1)), metric
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "evaluation")}
+    assert "evaluation/confusion_matrix.png" in artifacts
+    assert "evaluation/per_class_accuracy.csv" in artifacts
+    plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert "plots/loss_curves.png" in plots
+    assert any(p.startswith("plots/attention_") for p in plots)
+    top = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "quarantine.csv"} <= top
+    name = tracking.registered_model_name("ucf101")
+    version = client.get_model_version(name, result.model_version)
+    assert version.run_id == result.run_id
+    assert str(client.get_model_version_by_alias(name, "champion").version) == result.model_version
+
+
+def test_rerunning_a_finished_run_resumes(trained: tuple[JlstmConfig, SplitResult]) -> None:
+    cfg, first = trained
+    again = train_split(cfg)
+    assert again.run_id == first.run_id
+    assert again.checkpoint_dir == first.checkpoint_dir
+    client = MlflowClient()
+    assert len(client.get_metric_history(first.run_id, "loss_total")) == EPOCHS
+    assert client.get_run(first.run_id).data.tags[FINISHED_TAG] == str(EPOCHS)
+    versions = client.search_model_versions(f"run_id = '{first.run_id}'")
+    assert [str(v.version) for v in versions] == [first.model_version]
+
+
+def test_predict_agrees_with_the_registered_model(
+    trained: tuple[JlstmConfig, SplitResult], dataset: Path, sqlite_tracking: str
+) -> None:
+    """`jlstm predict` ranks classes as the registered pyfunc model scores the video's clips.
+
+    The tiny run is too short to classify reliably (measured: 50% on 2 classes), so the
+    check is against the registered model, not the label.
+    """
+    cfg, _ = trained
+    video = next((dataset / "UCF-101").glob("*/*.avi"))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "predict", str(video),
+         "--model", "models:/jlstm-ucf101@champion", "--top-k", "2",
+         "--frame-interval", str(cfg.data.frame_interval)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_tracking},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    ranked = [line.split() for line in out.stdout.strip().splitlines()]
+    probs = [float(p.rstrip("%")) / 100 for p, _ in ranked]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-3)
+
+    loaded = tracking.load_model("models:/jlstm-ucf101@champion")
+    model_cfg = loaded.model_cfg
+    num_frames = len(decord.VideoReader(str(video)))
+    clips = np.stack([
+        decode_clip(str(video), start, num_frames, model_cfg.clip_len,
+                    cfg.data.frame_interval, model_cfg.frame_size)
+        for start in clip_starts(
+            num_frames, model_cfg.clip_len, model_cfg.clip_len, cfg.data.frame_interval
+        )
+    ])
+    pyfunc = mlflow.pyfunc.load_model("models:/jlstm-ucf101@champion")
+    scores = np.asarray(pyfunc.predict(clips)).mean(axis=0)
+    assert ranked[0][1] == loaded.class_names[int(scores.argmax())]
+    assert probs[0] == pytest.approx(float(scores.max()), abs=1e-3)
+
+
+def test_unreachable_tracking_server_fails_before_training(
+    dataset: Path, tmp_path: Path
+) -> None:
+    storage = tmp_path / "ray"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(dataset, storage, "never")))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "train", "--config", str(config)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"},
+    )
+    assert out.returncode == 3
+    assert "not reachable" in out.stderr and "MLFLOW_TRACKING_URI" in out.stderr
+    assert not storage.exists()
+
+
+def _train_worker_pids() -> set[int]:
+    """Processes titled `ray::RayTrainWorker` (Ray sets the title of each Train worker)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and title.startswith(b"ray::RayTrainWorker"):
+            pids.add(int(proc.name))
+    return pids
+
+
+def test_killed_worker_resumes_from_checkpoint_on_mlflow_server(
+    ray_cluster: None, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = tmp_path / "ray"
+    cfg = validate_config(tiny_config(dataset, storage, "tiny-killed"))
+    with running_mlflow_server(tmp_path / "server") as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = train_split(cfg)
+            except BaseException as err:  # re-raised in the test thread below
+                outcome["error"] = err
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 600
+        while not list(storage.glob("tiny-killed/checkpoint_*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        victims = _train_worker_pids()
+        assert victims, "no training worker process found to kill"
+        os.kill(max(victims), signal.SIGKILL)
+        thread.join(timeout=900)
+        assert "error" not in outcome, outcome.get("error")
+        result: SplitResult = outcome["result"]
+
+        state = load_state(Path(result.checkpoint_dir))
+        assert state["epoch"] == EPOCHS
+        assert [int(h["epoch"]) for h in state["history"]] == list(range(1, EPOCHS + 1))
+        client = MlflowClient(uri)
+        steps = [m.step for m in client.get_metric_history(result.run_id, "epoch")]
+        assert sorted(set(steps)) == list(range(1, EPOCHS + 1))
+        assert client.get_registered_model(tracking.registered_model_name("ucf101"))
+
+
+def _wait_for_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # answering, if only to refuse a request without the token
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def test_ray_job_submit_runs_training(dataset: Path, tmp_path: Path) -> None:
+    """`ray job submit` against a `ray start --head` cluster on loopback, token auth on."""
+    bin_dir = Path(sys.executable).parent
+    gcs_port, dashboard_port = free_port(), free_port()
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(
+        dataset, tmp_path / "ray", "tiny-job", train={"epochs": 1}, cluster={"num_workers": 1},
+    )))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
+    # As from an activated venv: the job's `python` is the one `ray start` finds on PATH.
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    # --block keeps the head in this process group, so the test stops exactly this cluster
+    # (`ray stop` would also stop the session's own cluster).
+    head = subprocess.Popen(
+        [bin_dir / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir=/tmp/rj{os.getpid()}",
+         # Own agent ports: the session's cluster already holds Ray's default ones.
+         f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dashboard_port}"
+        _wait_for_http(f"{address}/api/version", timeout_s=180)
+        runtime_env = json.dumps(
+            {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+        )
+        submit = [
+            bin_dir / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+            "--runtime-env-json", runtime_env, "--",
+            "python", "-m", "orchestration.cli", "train", "--config", str(config),
+        ]
+        deadline = time.monotonic() + 180
+        while True:
+            out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            # The dashboard answers before its job agent is up; that refusal is retried.
+            if "No available agent" not in out.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+        assert "succeeded" in out.stdout.lower()
+        assert list((tmp_path / "ray" / "tiny-job").glob("checkpoint_*"))
+        assert (tmp_path / "mlflow.db").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
