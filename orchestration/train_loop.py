@@ -101,6 +101,7 @@ def save_state(path: Path, **state: Any) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state on the CPU (the optimizer moves its part to the params' device)."""
     return torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
@@ -213,7 +214,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
 
-    core = JointAttentionNet(model_cfg)
+    # On the device before the optimizer exists, so restored optimizer state lands beside it.
+    core = JointAttentionNet(model_cfg).to(device)
     optimizer, scheduler = build_optimizer(core, cfg.train)
     start_epoch, best, history = 0, -1.0, []
     checkpoint = ray.train.get_checkpoint()
@@ -226,7 +228,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _set_rng_state(state["rng"][rank % len(state["rng"])])
         start_epoch, best, history = state["epoch"], state["best_metric"], state["history"]
     net = ray.train.torch.prepare_model(core)
-    core.to(device)
     per_worker_batch = max(1, cfg.train.batch_size // world)
 
     for epoch in range(start_epoch, cfg.train.epochs):
