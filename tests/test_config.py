@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from orchestration.cli import main
-from orchestration.config import ConfigError, load_config
+from orchestration.config import ConfigError, load_config, validate_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -71,3 +71,14 @@ def test_cli_refuses_bad_config_before_work(tmp_path: Path, capsys: pytest.Captu
     err = capsys.readouterr().err
     assert "model.fusion" in err and "sideways" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "path", sorted(CONFIGS.glob("tune_*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_sweep_configs_validate(path: Path) -> None:
+    from tune_spaces.spaces import load_sweep
+
+    sweep, base = load_sweep(path)
+    assert {"model.attention_reg_weight", "train.weight_decay"} <= set(sweep.space)
+    assert validate_config(base, source=str(path)).variant
