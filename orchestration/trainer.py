@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import ray.train
+import torch
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
@@ -156,8 +157,6 @@ def _attention_examples(
             row.video_path, 0, int(row.num_frames), model_cfg.clip_len,
             cfg.data.frame_interval, model_cfg.frame_size,
         )
-        import torch
-
         with torch.no_grad():
             out = net(normalize_frames(torch.as_tensor(frames)[None]))
         predicted = names[int(out.step_logits[0, -1].argmax())]
