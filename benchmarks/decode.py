@@ -33,6 +33,7 @@ from data_shards import (
 from data_shards.decode import open_reader, read_clip
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig
+from orchestration.trainer import RAY_NODE_ENV
 
 BATCH = 32  # clips per batch a training worker asks for
 
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
+    for key, value in RAY_NODE_ENV.items():  # the node settings jlstm's own clusters get
+        os.environ.setdefault(key, value)
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
