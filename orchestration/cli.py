@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("video", help="a video file")
     predict.add_argument("--model", required=True, help="models:/jlstm-<dataset>@champion")
     predict.add_argument("--top-k", type=int, default=5)
-    predict.add_argument("--frame-interval", type=int, default=1)
+    predict.add_argument(
+        "--frame-interval", type=int, help="default: the one the model was trained with"
+    )
     predict.add_argument("--attention", metavar="OUT.png", help="also draw the attention maps")
     predict.set_defaults(func=_cmd_predict)
 

@@ -41,15 +41,20 @@ def predict_video(
     *,
     top_k: int = 5,
     attention_png: str | Path | None = None,
-    frame_interval: int = 1,
+    frame_interval: int | None = None,
 ) -> list[tuple[str, float]]:
-    """Top-k (class, probability) for one video: clip scores averaged over all its clips."""
+    """Top-k (class, probability) for one video: clip scores averaged over all its clips.
+
+    `frame_interval` defaults to the one the model was trained with.
+    """
     video = Path(video)
     if not video.is_file():
         raise FileNotFoundError(f"video {str(video)!r} does not exist")
     tracking.connect()
     loaded = tracking.load_model(model_uri)
     cfg = loaded.model_cfg
+    if frame_interval is None:
+        frame_interval = loaded.frame_interval
     from decord import VideoReader
 
     num_frames = len(VideoReader(str(video)))

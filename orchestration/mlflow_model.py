@@ -40,6 +40,7 @@ class LoadedModel:
     net: JointAttentionNet
     model_cfg: ModelConfig
     class_names: list[str]
+    frame_interval: int = 1  # the training clips' frame step; clips to score need the same
 
 
 def load_from_files(

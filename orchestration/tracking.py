@@ -7,6 +7,7 @@ state dict, rebuilt through `JointAttentionNet(ModelConfig)` (see `orchestration
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -40,6 +41,7 @@ ARTIFACTS_DIR = "mlartifacts"
 CHAMPION_ALIAS = "champion"
 SPLIT_TAG = "split"
 SCORE_TAG = "video_top1"
+FRAME_INTERVAL_KEY = "frame_interval"  # in the MLmodel metadata
 # Packages the pyfunc needs at load time; pinned so the environment is reproducible, and
 # listed instead of inferred because inference loads the model in a subprocess (slow).
 _REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pydantic")
@@ -178,6 +180,7 @@ def log_model(
     class_names: list[str],
     *,
     registered_model_name: str | None,
+    frame_interval: int = 1,
     name: str = "model",
 ) -> ModelInfo:
     """Log the network to the active run as a pyfunc model; register it when a name is given.
@@ -185,6 +188,8 @@ def log_model(
     Decision: a state dict + JSON config, rebuilt by code and loaded with
     `torch.load(weights_only=True)`, because a pickled model would execute arbitrary code on
     load and `pt2` (torch.export) needs an example input and ties the model to one export.
+    The training clips' `frame_interval` goes into the MLmodel metadata, so `predict` samples
+    a video's clips the way the model saw them.
     """
     if len(class_names) != model_cfg.num_classes:
         raise ValueError(
@@ -210,6 +215,7 @@ def log_model(
                 signature=model_signature(model_cfg),
                 pip_requirements=_pip_requirements(),
                 registered_model_name=registered_model_name,
+                metadata={FRAME_INTERVAL_KEY: frame_interval},
             )
 
 
@@ -218,11 +224,14 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
     and rebuild the network from its artifacts, in eval mode on `device`."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        conf = mlflow.models.Model.load(local).flavors["python_function"]
+        mlmodel = mlflow.models.Model.load(local)
+        conf = mlmodel.flavors["python_function"]
         artifacts = {key: local / entry["path"] for key, entry in conf["artifacts"].items()}
-        return load_from_files(
+        loaded = load_from_files(
             artifacts["weights"], artifacts["model_config"], artifacts["class_names"], device
         )
+    frame_interval = int((mlmodel.metadata or {}).get(FRAME_INTERVAL_KEY, 1))
+    return dataclasses.replace(loaded, frame_interval=frame_interval)
 
 
 def _champion(client: MlflowClient, name: str) -> ModelVersion | None:

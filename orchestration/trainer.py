@@ -293,7 +293,8 @@ def finish_run(
             else None
         )
         info = tracking.log_model(
-            net, net.cfg, data.class_names, registered_model_name=registered
+            net, net.cfg, data.class_names, registered_model_name=registered,
+            frame_interval=cfg.data.frame_interval,
         )
         if registered:
             version = str(info.registered_model_version)

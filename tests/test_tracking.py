@@ -77,7 +77,9 @@ def logged(local_store: Path) -> tuple[JointAttentionNet, ModelInfo]:
     net = small_net()
     mlflow.set_experiment(experiment_id=tracking.get_or_create_experiment("tracking-test"))
     with mlflow.start_run():
-        info = tracking.log_model(net, net.cfg, CLASS_NAMES, registered_model_name=REGISTERED)
+        info = tracking.log_model(
+            net, net.cfg, CLASS_NAMES, registered_model_name=REGISTERED, frame_interval=3
+        )
     return net, info
 
 
@@ -90,6 +92,7 @@ def test_log_model_registers_and_loads_back_identically(
     assert not loaded.net.training
     assert loaded.model_cfg == net.cfg
     assert loaded.class_names == CLASS_NAMES
+    assert loaded.frame_interval == 3
     assert_same_outputs(net, loaded.net)
     assert_same_outputs(net, tracking.load_model(info.model_uri).net)
 

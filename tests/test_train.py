@@ -172,6 +172,8 @@ def test_predict_names_the_right_class_after_a_short_training(
 ) -> None:
     """A short run that learns, then `jlstm predict` on one of its videos names the class.
 
+    Predict is not told the frame interval (2): it comes with the registered model.
+
     The tiny run above learns nothing in 3 epochs (16-frame 64 px videos are too little
     motion), so this one takes the demo's model and data sizes on 2 classes x 12 videos,
     over cached taps (plain-loop trials of this setup, 4 seeds: 100% of the training
@@ -208,7 +210,7 @@ def test_predict_names_the_right_class_after_a_short_training(
     video = root / "UCF-101" / first_train_line
     out = subprocess.run(
         [sys.executable, "-m", "orchestration.cli", "predict", str(video),
-         "--model", "models:/jlstm-ucf101@champion", "--frame-interval", "2"],
+         "--model", "models:/jlstm-ucf101@champion"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
         env={**os.environ, "MLFLOW_TRACKING_URI": uri},
     )

@@ -211,6 +211,7 @@ def test_sweep_with_asha_registers_the_best_trial(
     )
     assert len(children) == 4
     assert {c.data.tags[TRIAL_TAG] for c in children} == set(trials["trial_id"])
+    assert {c.info.status for c in children} == {"FINISHED"}  # the stopped ones included
     for child in children:
         epochs = trials.loc[trials["trial_id"] == child.data.tags[TRIAL_TAG], "epoch"].item()
         history = client.get_metric_history(child.info.run_id, "loss_total")

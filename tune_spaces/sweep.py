@@ -396,6 +396,11 @@ def _finish_sweep(
     for row in table.itertuples():
         if row.mlflow_run_id:
             client.set_tag(row.mlflow_run_id, STATUS_TAG, _status(row))
+            # A trial ASHA stopped (or that failed) never returned to close its own run.
+            if client.get_run(row.mlflow_run_id).info.status == "RUNNING":
+                client.set_terminated(
+                    row.mlflow_run_id, "FAILED" if row.status == "error" else "FINISHED"
+                )
     best = grid.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="last",
                                 filter_nan_and_inf=True)
     if best.error is not None or CHECKPOINT_PATH_KEY not in best.metrics:
