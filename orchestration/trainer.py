@@ -142,8 +142,11 @@ class MlflowEpochLogger(ray.train.UserCallback):
         self.run_id = run_id
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
-        rank0 = metrics[0]
-        numeric = {k: float(v) for k, v in rank0.items() if isinstance(v, int | float)}
+        self.log_epoch(metrics[0])
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        """The numeric metrics of one epoch's report, at step = its epoch."""
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         client = MlflowClient(self.tracking_uri)
         step = int(numeric.get("epoch", 0))
         now_ms = int(time.time() * 1000)

@@ -225,6 +225,29 @@ def test_sweep_with_asha_registers_the_best_trial(
     assert str(client.get_registered_model("jlstm-ucf101").aliases["champion"]) == "1"
 
 
+@pytest.mark.slow
+def test_optuna_searcher_starts_at_the_paper_point(
+    base_config: Path, mlflow_uri: str, tmp_path: Path
+) -> None:
+    sweep, base_raw = load_sweep(_write_sweep(
+        tmp_path / "optuna.yaml", base_config, searcher="optuna", num_samples=2, asha=None,
+        max_concurrent_trials=1, overrides={"train.epochs": 1},
+    ))
+    result = run_sweep(sweep, base_raw)
+
+    assert not result.interrupted
+    trials = result.trials.sort_values("trial_id")
+    assert len(trials) == 2 and (trials["status"] == "ok").all()
+    first, second = (row for _, row in trials.iterrows())
+    assert (first["model.attention_reg_weight"], first["model.taps"]) == (1000.0, "pool4+conv5_3")
+    # The second trial is Optuna's own sample, inside the space.
+    assert 1.0 <= second["model.attention_reg_weight"] <= 10000.0
+    assert 1e-6 <= second["train.weight_decay"] <= 1e-3
+    assert second["model.fusion"] in {"early", "late"}
+    assert second["model.taps"] in {"pool4", "conv5_3", "pool4+conv5_3", "conv4_3+pool4+conv5_3"}
+    assert result.best is not None and result.best.model_version == "1"
+
+
 def _finished_trials(experiment: Path) -> dict[str, dict[str, Any]]:
     """Trials whose state file says TERMINATED: trial id -> its last result."""
     states = sorted(experiment.glob("experiment_state-*.json"))

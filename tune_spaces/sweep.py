@@ -33,6 +33,7 @@ from data_shards import StaleCacheError, build_feature_cache, check_cache, class
 from model.backbone import TAP_LAST_INDEX
 from orchestration import tracking
 from orchestration.config import ConfigError, JlstmConfig, validate_config
+from orchestration.train_loop import CHECKPOINT_FILE, load_state
 from orchestration.trainer import (
     DATA_PIPELINE_MIN_CPUS,
     MlflowEpochLogger,
@@ -189,9 +190,21 @@ def _run_trial(
                              "run_name": f"{sweep.name}-{trial_id}"}),
         source=f"trial {trial_id}",
     )
-    data = prepare_data(cfg)
     run_id = start_run(cfg, experiment_id, parent_run_id)
     MlflowClient().set_tag(run_id, TRIAL_TAG, trial_id)
+    finished = _finished_checkpoint(cfg)
+    if finished is not None:
+        # Interrupted after this trial's Train run ended but before Tune (and maybe MLflow)
+        # took its last report: a new fit would train nothing and report nothing.
+        history = load_state(finished)["history"]
+        logged = {m.step for m in MlflowClient().get_metric_history(run_id, "epoch")}
+        logger = MlflowEpochLogger(tracking_uri, run_id)
+        for epoch_metrics in history:
+            if int(epoch_metrics["epoch"]) not in logged:
+                logger.log_epoch(epoch_metrics)
+        tune.report({**history[-1], CHECKPOINT_PATH_KEY: str(finished)})
+        return
+    data = prepare_data(cfg)
     log_run_inputs(cfg, run_id, data.model_cfg)
     callbacks = [
         MlflowEpochLogger(tracking_uri, run_id),
@@ -199,6 +212,19 @@ def _run_trial(
         RegisterTrainRun(registry_name, trial_id),
     ]
     build_trainer(cfg, data, callbacks).fit()
+
+
+def _finished_checkpoint(cfg: JlstmConfig) -> Path | None:
+    """The Train run's last checkpoint when it holds every epoch (local storage only)."""
+    storage = cfg.cluster.storage_path
+    if "://" in storage:
+        return None
+    run_dir = Path(storage).resolve() / cfg.resolved_run_name()
+    # Only checkpoints whose state file is whole: an upload cut short has none.
+    checkpoints = sorted(state.parent for state in run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+    if checkpoints and load_state(checkpoints[-1])["epoch"] >= cfg.train.epochs:
+        return checkpoints[-1]
+    return None
 
 
 def _experiment_path(sweep: SweepConfig, base: JlstmConfig) -> tuple[str, str]:
