@@ -220,7 +220,7 @@ def _finished_checkpoint(cfg: JlstmConfig) -> Path | None:
     if "://" in storage:
         return None
     run_dir = Path(storage).resolve() / cfg.resolved_run_name()
-    # Only checkpoints whose state file is whole: an upload cut short has none.
+    # Only checkpoint directories holding a state file: an upload cut short may have none.
     checkpoints = sorted(state.parent for state in run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
     if checkpoints and load_state(checkpoints[-1])["epoch"] >= cfg.train.epochs:
         return checkpoints[-1]
