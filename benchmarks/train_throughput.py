@@ -31,7 +31,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -48,6 +47,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
+from common import EpochClock, load_average, machine_info
 
 from data_shards import (
     build_feature_cache,
@@ -75,37 +75,6 @@ from orchestration.trainer import (
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-
-
-class EpochClock(ray.train.UserCallback):
-    """Appends each report's wall-clock time and rank 0's numeric metrics to a JSONL file.
-
-    It runs in the Train controller, on this machine, so its `time.time()` is comparable
-    with the driver's.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
-        row = {k: float(v) for k, v in metrics[0].items() if isinstance(v, int | float)}
-        row["t"] = time.time()
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def median_after_warmup(values: list[float]) -> float | None:

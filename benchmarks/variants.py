@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import tempfile
 import time
 import warnings
@@ -29,7 +28,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 import pyarrow.compute as pc
 import ray
 import ray.train
-import torch
+from common import EpochClock, load_average, machine_info
 
 from data_shards import build_feature_cache, ensure_index, load_manifest, synthesize_dataset
 from model import JointAttentionNet
@@ -51,19 +50,6 @@ REPORTED = (
 )
 
 
-class EpochLog(ray.train.UserCallback):
-    """Appends each report's time and rank 0's numeric metrics to a JSONL file."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
-        row = {k: float(v) for k, v in metrics[0].items() if isinstance(v, int | float)}
-        row["t"] = time.time()
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 def train_variant(base: JlstmConfig, variant: str, workdir: Path) -> dict[str, Any]:
     cfg = JlstmConfig.model_validate(
         {**base.model_dump(mode="json"), "variant": variant, "run_name": f"bench-{variant}"}
@@ -74,7 +60,7 @@ def train_variant(base: JlstmConfig, variant: str, workdir: Path) -> dict[str, A
     data = prepare_data(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # worker_resources' fractional-CPU warning
-        trainer = build_trainer(cfg, data, callbacks=[EpochLog(str(log))])
+        trainer = build_trainer(cfg, data, callbacks=[EpochClock(str(log))])
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"variant {variant} failed") from result.error
@@ -112,7 +98,7 @@ def main() -> None:
                         help="epochs of every variant; 0 (default): the config's")
     args = parser.parse_args()
 
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="jlstm-variants-")
@@ -163,15 +149,9 @@ def main() -> None:
     }
     result = {
         "benchmark": "variants",
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "platform": platform.platform(),
-        },
+        "machine": machine_info(),
         "load_average_start": load_start,
-        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_end": load_average(),
         "total_s": round(time.time() - started, 1),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "config": base.model_dump(mode="json"),
