@@ -132,7 +132,7 @@ def main() -> None:
         plain = best_of(args.runs, plain_loop, data_cfg, model_cfg)
         decode = best_of(args.runs, pipeline, data_cfg, model_cfg)
         started = time.perf_counter()
-        info = build_feature_cache(data_cfg, model_cfg, use_gpu=False)
+        info = build_feature_cache(data_cfg, model_cfg)
         build_s = time.perf_counter() - started
         cached_cfg = data_cfg.model_copy(update={"use_feature_cache": True})
         cache = best_of(args.runs, pipeline, cached_cfg, model_cfg)

@@ -34,7 +34,6 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,8 +68,8 @@ from orchestration.train_loop import (
 from orchestration.trainer import (
     build_trainer,
     init_ray,
+    plan_run,
     prepare_data,
-    worker_resources,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,17 +190,14 @@ def ray_run(cfg: JlstmConfig, workdir: Path, train_clips: int, label: str) -> di
     clock.unlink(missing_ok=True)
     started = time.time()
     data = prepare_data(cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # worker_resources' fractional-CPU warning
-        trainer = build_trainer(cfg, data, callbacks=[EpochClock(str(clock))])
-        resources = worker_resources(cfg.cluster, cfg.data.decode_cpus)
-    result = trainer.fit()
+    plan = plan_run(cfg)
+    result = build_trainer(cfg, data, plan, callbacks=[EpochClock(str(clock))]).fit()
     wall = time.time() - started
     if result.error:
         raise RuntimeError(f"{cfg.run_name} failed") from result.error
     epochs = [json.loads(line) for line in clock.read_text().splitlines()]
     out = summarize(label, epochs, started, wall, train_clips)
-    out |= {"num_workers": cfg.cluster.num_workers, "cpus_per_worker": resources["CPU"]}
+    out |= {"num_workers": cfg.cluster.num_workers, "cpus_per_worker": plan.cpus_per_worker}
     out["use_feature_cache"] = cfg.data.use_feature_cache
     return out
 
@@ -235,8 +231,7 @@ def _plain_epochs(
 ) -> dict[str, Any]:
     started = time.time()
     data = prepare_data(cfg)
-    resources = worker_resources(cfg.cluster, cfg.data.decode_cpus)
-    holder = CpuHolder.options(num_cpus=resources["CPU"]).remote()
+    holder = CpuHolder.options(num_cpus=plan_run(cfg).cpus_per_worker).remote()
     ray.get(holder.ready.remote())
     train = data.datasets["train"]
     if split:
@@ -375,7 +370,7 @@ def main() -> None:
 
         worker_counts = [int(w) for w in args.workers.split(",") if w]
         one = run_config(base, "plain_cache", storage, cluster={"num_workers": 1})
-        worker = worker_process_settings(worker_resources(one.cluster, one.data.decode_cpus))
+        worker = worker_process_settings(plan_run(one).worker_resources())
         # Rounds interleave the runs so that a change in machine load hits them alike.
         for round_ in range(args.rounds):
             for workers in worker_counts:

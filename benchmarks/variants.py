@@ -19,7 +19,6 @@ import logging
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from common import EpochClock, load_average, machine_info
 from data_shards import build_feature_cache, ensure_index, load_manifest, synthesize_dataset
 from model import JointAttentionNet
 from orchestration.config import JlstmConfig, load_config
-from orchestration.trainer import build_trainer, init_ray, prepare_data
+from orchestration.trainer import build_trainer, init_ray, plan_run, prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -58,10 +57,7 @@ def train_variant(base: JlstmConfig, variant: str, workdir: Path) -> dict[str, A
     log.unlink(missing_ok=True)
     started = time.time()
     data = prepare_data(cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # worker_resources' fractional-CPU warning
-        trainer = build_trainer(cfg, data, callbacks=[EpochClock(str(log))])
-    result = trainer.fit()
+    result = build_trainer(cfg, data, plan_run(cfg), callbacks=[EpochClock(str(log))]).fit()
     if result.error:
         raise RuntimeError(f"variant {variant} failed") from result.error
     epochs = [json.loads(line) for line in log.read_text().splitlines()]

@@ -21,6 +21,7 @@ from data_shards.features import (
     read_cached_batch,
 )
 from data_shards.index import IndexResult, ensure_index, index_videos, probe_video
+from data_shards.sizing import DataSize, data_size
 from data_shards.splits import (
     VideoEntry,
     class_names,
@@ -34,6 +35,7 @@ __all__ = [
     "BadDataError",
     "CacheInfo",
     "DataConfig",
+    "DataSize",
     "IndexResult",
     "StaleCacheError",
     "VideoEntry",
@@ -43,6 +45,7 @@ __all__ = [
     "class_names",
     "clip_starts",
     "clip_table",
+    "data_size",
     "decode_batch",
     "decode_clip",
     "ensure_index",

@@ -7,8 +7,8 @@ Layout of `<feature_cache>/`:
                            taps_<name> (float16 fixed-size list, 512 * K * K) per tap;
                            small row groups so a clip reads only the frames it needs.
 
-Building it is a Ray Data actor pool (one VGG16 per actor, a GPU each when the cluster
-has GPUs). Reading it is a `map_batches` function over the same clip tables as decoding.
+Building it is a Ray Data actor pool (one VGG16 per actor, a GPU each on a GPU
+cluster). Reading it is a `map_batches` function over the same clip tables as decoding.
 """
 
 from __future__ import annotations
@@ -213,14 +213,19 @@ def _info(cache_dir: Path, index: pa.Table, key: dict) -> CacheInfo:
 
 
 def build_feature_cache(
-    data_cfg: DataConfig, model_cfg, *, use_gpu: bool | None = None, rebuild: bool = False
+    data_cfg: DataConfig,
+    model_cfg,
+    *,
+    actors: int = 1,
+    use_gpu: bool = False,
+    rebuild: bool = False,
 ) -> CacheInfo:
     """Run the frozen taps over every needed frame of the manifest's videos, fp16 on disk.
 
-    A cache whose key matches is reused as it is unless `rebuild`. `use_gpu=None` uses GPUs
-    when the Ray cluster has any: one actor per GPU; otherwise one CPU actor per 2 cluster
-    CPUs. The key file is written last, so an interrupted build is never mistaken for a
-    complete one.
+    A cache whose key matches is reused as it is unless `rebuild`. Up to `actors` VGG16
+    actors run at once, each with a GPU when `use_gpu` (the resource planner's
+    `feature_pool` sizes them for a cluster). The key file is written last, so an
+    interrupted build is never mistaken for a complete one.
     """
     if not data_cfg.feature_cache:
         raise ValueError("feature_cache = None: set data.feature_cache to a directory")
@@ -235,10 +240,6 @@ def build_feature_cache(
             pass
     cache_dir.mkdir(parents=True, exist_ok=True)
     _clear(cache_dir)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = gpus > 0 if use_gpu is None else use_gpu
-    pool = gpus if use_gpu else max(1, int(resources.get("CPU", 1)) // 2)
     results = (
         ray.data.from_arrow(_work_table(data_cfg, model_cfg, manifest))
         .repartition(target_num_rows_per_block=1)
@@ -251,7 +252,7 @@ def build_feature_cache(
             },
             batch_size=1,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
             num_gpus=1 if use_gpu else 0,
             num_cpus=1,
         )

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from orchestration.config import ConfigError, load_config
+from orchestration.config import ConfigError, JlstmConfig, load_config
+from orchestration.resources import NodeShape, plan_resources
 
 
 def _splits(text: str) -> list[int]:
@@ -41,8 +44,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from orchestration.inference import evaluate_model
 
     cfg = load_config(args.config, args.overrides)
-    report = evaluate_model(args.model, cfg, out_dir=args.out)
-    for key, value in sorted(report.metrics.items()):
+    metrics = evaluate_model(args.model, cfg, out_dir=args.out)
+    for key, value in sorted(metrics.items()):
         print(f"{key:28s} {value:.4f}")
     print(f"report written to {args.out}")
     return 0
@@ -62,19 +65,89 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_features(args: argparse.Namespace) -> int:
     from data_shards import build_feature_cache, class_names, ensure_index
+    from orchestration.resources import feature_pool, live_nodes
     from orchestration.trainer import init_ray
 
     cfg = load_config(args.config, args.overrides)
     init_ray()
     manifest = ensure_index(cfg.data)
     info = build_feature_cache(
-        cfg.data, cfg.resolve_model(len(class_names(manifest))), rebuild=args.rebuild
+        cfg.data, cfg.resolve_model(len(class_names(manifest))), rebuild=args.rebuild,
+        **feature_pool(live_nodes()),
     )
     print(
         f"feature cache {info.cache_dir}: {info.num_videos} videos ({info.num_failed} failed), "
         f"{info.total_bytes / 2**20:.1f} MiB, {info.bytes_per_video / 2**20:.2f} MiB per video"
     )
     return 0
+
+
+def plan_report(cfg: JlstmConfig, nodes: list[NodeShape]) -> dict[str, Any]:
+    """`jlstm plan --json`: the resource plan on `nodes` and the size of an epoch."""
+    from data_shards import class_names, data_size
+
+    manifest = cfg.data.manifest_path()
+    num_classes = len(class_names(manifest)) if manifest.is_file() else 2
+    size = data_size(cfg.data, cfg.resolve_model(num_classes))
+    plan = plan_resources(cfg.cluster, cfg.data.decode_cpus, nodes)
+    world = cfg.cluster.num_workers
+    steps = None
+    if size.train_clips is not None:
+        # Ray Train's equal split gives each worker floor(clips / world) clips.
+        per_worker_batch = max(1, cfg.train.batch_size // world)
+        steps = math.ceil(size.train_clips // world / per_worker_batch)
+    return {
+        **plan.to_dict(),
+        "clips_per_epoch": size.train_clips,
+        "test_clips": size.test_clips,
+        "steps_per_epoch": steps,
+        "cache_bytes": size.cache_bytes,
+        "bytes_per_clip": size.bytes_per_clip,
+        "data_source": size.source,
+    }
+
+
+def print_plan(report: dict[str, Any]) -> None:
+    """The plan as a short table a person reads."""
+    verdict = "fits" if report["fits"] else f"does not fit: {report['reason']}"
+    print(f"nodes: {report['node_shapes']}  ->  {verdict}")
+    nodes = report["nodes"]
+    for rank, worker in enumerate(report["workers"]):
+        node = nodes[worker["node"]]
+        shape = f"{node['cpus']:g} CPU" + (f", {node['gpus']:g} GPU" if node["gpus"] else "")
+        print(f"  worker {rank}: node {worker['node']} ({node['name']}: {shape}) takes "
+              f"{worker['CPU']:g} CPU + {worker['GPU']:g} GPU")
+    print(f"  Ray Data keeps {report['data_cpus']:g} CPUs")
+
+    def number(key: str, unit: str = "") -> str:
+        value = report[key]
+        return "unknown" if value is None else f"{value:,}{unit}"
+
+    gib = report["cache_bytes"] / 2**30 if report["cache_bytes"] is not None else None
+    print(f"  data ({report['data_source']}): {number('clips_per_epoch')} training clips, "
+          f"{number('steps_per_epoch')} steps per epoch, {number('test_clips')} test clips")
+    print(f"  {report['bytes_per_clip'] / 2**20:.2f} MiB per clip; feature cache "
+          + ("unknown" if gib is None else f"{gib:,.1f} GiB"))
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestration.resources import live_nodes, parse_nodes
+    from orchestration.trainer import init_ray
+
+    cfg = load_config(args.config, args.overrides)
+    if args.nodes:
+        nodes = parse_nodes(args.nodes)
+    else:
+        init_ray()
+        nodes = live_nodes()
+    report = plan_report(cfg, nodes)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_plan(report)
+    return 0 if report["fits"] else 2
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -134,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="runs/demo", help="where the demo's data goes")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(func=_cmd_demo)
+    plan = commands.add_parser(
+        "plan", help="dry run: where the workers go, what Ray Data keeps, how big an epoch is"
+    )
+    _add_config_args(plan)
+    plan.add_argument(
+        "--nodes", nargs="+", metavar="SHAPE",
+        help="node shapes COUNTxCPU[:GPU], e.g. --nodes 1x8 4x8:1 (default: the live cluster)",
+    )
+    plan.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    plan.set_defaults(func=_cmd_plan)
     add_tune_command(commands)
     return parser
 

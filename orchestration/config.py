@@ -41,13 +41,19 @@ class TrainConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    """Where and how wide to train; `cpus_per_worker: null` sizes workers from the cluster."""
+    """Where and how wide to train (sized by `orchestration/resources.py`).
+
+    `cpus_per_worker: null` means 2 CPUs beside each worker's GPU on a GPU cluster, and on
+    a CPU-only cluster an equal share of what Ray Data's reserve leaves.
+    """
 
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0)
-    decode_cpu_reserve: float = Field(
-        0.5, ge=0, description="CPUs kept free of training workers so Ray Data can decode"
+    wait_for_resources_s: float = Field(
+        600.0, ge=0,
+        description="on a cluster jlstm joined (RAY_ADDRESS), how long to wait for it to grow "
+        "to the plan before refusing; a local Ray jlstm started never waits",
     )
     max_failures: int = Field(2, ge=-1)
     storage_path: str = "runs/ray"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from data_shards import build_feature_cache, class_names, ensure_index, synthesize_dataset
 from orchestration.config import load_config
+from orchestration.resources import feature_pool, live_nodes
 from orchestration.trainer import init_ray, print_results, train_splits
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -41,7 +42,9 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     print("[2/4] indexing (probing every video with Ray)")
     manifest = ensure_index(cfg.data)
     print("[3/4] caching frozen VGG16 taps")
-    build_feature_cache(cfg.data, cfg.resolve_model(len(class_names(manifest))))
+    build_feature_cache(
+        cfg.data, cfg.resolve_model(len(class_names(manifest))), **feature_pool(live_nodes())
+    )
     print("[4/4] training with Ray Train (2 DDP workers), evaluating, logging to MLflow")
     results = train_splits(cfg, [cfg.data.split])
     print_results(results)

@@ -66,6 +66,20 @@ class ClipPredictions:
         return self.scores_vote if mode == "vote" else self.scores_prob
 
     @classmethod
+    def empty(cls, num_classes: int) -> ClipPredictions:
+        """No clips, C classes: what a worker with an empty test shard contributes."""
+        scores = np.zeros((0, num_classes), dtype=np.float32)
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), scores, scores.copy())
+
+    def sorted(self) -> ClipPredictions:
+        """The same clips ordered by video id (stable: a video's clips keep their order)."""
+        order = np.argsort(self.video_id, kind="stable")
+        return ClipPredictions(
+            self.video_id[order], self.label[order],
+            self.scores_vote[order], self.scores_prob[order],
+        )
+
+    @classmethod
     def concat(cls, parts: Sequence[ClipPredictions]) -> ClipPredictions:
         """Join the predictions of several batches (or workers) in order."""
         if not parts:

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
+import ray
+import ray.train
 import torch
+from ray.train.torch import TorchTrainer
 
 from data_shards import build_datasets, class_names, clip_starts, decode_clip, ensure_index
-from model import clip_scores, normalize_frames
+from model import ModelConfig, clip_scores, normalize_frames
 from orchestration import tracking
 from orchestration.config import JlstmConfig
-from orchestration.evaluate import EvalReport, evaluate
 from orchestration.plots import plot_attention_overlay
-from orchestration.train_loop import predict_clips
-from orchestration.trainer import init_ray
+from orchestration.train_loop import EVAL_DIR, eval_loop_per_worker
+from orchestration.trainer import SplitEvalDataConfig, init_ray, plan_run
 
 
-def evaluate_model(model_uri: str, cfg: JlstmConfig, out_dir: str | Path) -> EvalReport:
-    """Score every test clip of `cfg.data` with the model at `model_uri`; write the report."""
+def evaluate_model(model_uri: str, cfg: JlstmConfig, out_dir: str | Path) -> dict[str, float]:
+    """Score every test clip of `cfg.data` with the model at `model_uri` on the cluster's
+    `cluster.num_workers` workers; write the report into `out_dir`; return the metrics."""
     tracking.connect()
     loaded = tracking.load_model(model_uri)
     init_ray()
@@ -28,11 +33,57 @@ def evaluate_model(model_uri: str, cfg: JlstmConfig, out_dir: str | Path) -> Eva
             f"model {model_uri} was trained on classes {loaded.class_names[:5]}..., "
             f"but {manifest} lists {class_names(manifest)[:5]}...: not the same dataset"
         )
-    val = build_datasets(cfg.data, loaded.model_cfg)["val"]
-    preds, _ = predict_clips(loaded.net, val, torch.device("cpu"), cfg.train.batch_size)
-    report = evaluate(preds, loaded.class_names)
-    report.write(Path(out_dir))
-    return report
+    return evaluate_distributed(
+        cfg, loaded.model_cfg, loaded.net.state_dict(), loaded.class_names, out_dir
+    )
+
+
+def evaluate_distributed(
+    cfg: JlstmConfig,
+    model_cfg: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    names: list[str],
+    out_dir: str | Path,
+) -> dict[str, float]:
+    """Every test clip scored once, spread over `cfg.cluster.num_workers` Ray Train workers.
+
+    The workers are placed by the resource planner like a training run's; rank 0 gathers
+    the clip predictions and computes the metrics (`eval_loop_per_worker`). The report
+    files land in `out_dir`.
+    """
+    plan = plan_run(cfg)
+    val = build_datasets(cfg.data, model_cfg)["val"]
+    storage = cfg.cluster.storage_path
+    trainer = TorchTrainer(
+        eval_loop_per_worker,
+        train_loop_config={
+            "model_config": model_cfg.model_dump(mode="json"),
+            "class_names": names,
+            "state_ref": ray.put({k: v.cpu() for k, v in state_dict.items()}),
+            "batch_size": max(1, cfg.train.batch_size // cfg.cluster.num_workers),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker=plan.worker_resources(),
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"eval-{uuid.uuid4().hex[:12]}",
+            storage_path=storage if "://" in storage else str(Path(storage).resolve()),
+        ),
+        datasets={"val": val},
+        dataset_config=SplitEvalDataConfig(),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"evaluation of {cfg.data.dataset} finished without a report")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        shutil.copytree(Path(ckpt_dir) / EVAL_DIR, Path(out_dir), dirs_exist_ok=True)
+    return {
+        k.removeprefix("val_"): float(v)
+        for k, v in result.metrics.items()
+        if isinstance(v, int | float)
+    }
 
 
 def predict_video(

@@ -1,8 +1,9 @@
 """The per-worker training loop that Ray Train runs on every DDP worker.
 
 Read it top to bottom: build the net, restore the last checkpoint if there is one, then
-for each epoch train on this worker's shard, evaluate every test clip on rank 0, and
-report the epoch's metrics with a checkpoint.
+for each epoch train on this worker's shard, score this worker's shard of the test clips
+(rank 0 gathers them and computes the metrics), and report the epoch's metrics with a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model import JointAttentionNet, ModelConfig, clip_scores, normalize_frames
+from model import JointAttentionNet, ModelConfig, ModelOutput, clip_scores, normalize_frames
 from orchestration.config import JlstmConfig, TrainConfig
 from orchestration.evaluate import ClipPredictions, EvalReport, evaluate
 
@@ -127,6 +128,31 @@ def _batches(shard: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False)
 
 
+def train_step(
+    net: nn.Module,
+    core: JointAttentionNet,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float | None,
+    weight: float = 1.0,
+) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
+    """One optimizer step on `batch` (bf16 autocast on GPU); returns the output and losses.
+
+    `net` is the DDP-wrapped `core` (or `core` itself on one worker).
+    """
+    device = batch.labels.device
+    # forward() takes frames or a dict of cached taps, so DDP's hooks see both paths.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = net(batch.inputs)
+        losses = core.losses(out, batch.labels)
+    optimizer.zero_grad(set_to_none=True)
+    (losses["total"] * weight).backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(core.parameters(), grad_clip)
+    optimizer.step()
+    return out, losses
+
+
 def train_epoch(
     net: nn.Module,
     core: JointAttentionNet,
@@ -149,15 +175,7 @@ def train_epoch(
         weight = 1.0 if batch.ok.any() else 0.0
         if weight:
             batch = batch.select(batch.ok)
-        # forward() takes frames or a dict of cached taps, so DDP's hooks see both paths.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = net(batch.inputs)
-            losses = core.losses(out, batch.labels)
-        optimizer.zero_grad(set_to_none=True)
-        (losses["total"] * weight).backward()
-        if cfg.train.grad_clip:
-            nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
-        optimizer.step()
+        out, losses = train_step(net, core, batch, optimizer, cfg.train.grad_clip, weight)
         for term in LOSS_TERMS:
             sums[term] += float(losses[term].detach())
         steps += 1
@@ -200,7 +218,28 @@ def predict_clips(
                 scores_prob=clip_scores(logits, core.cfg.last_steps, "prob").cpu().numpy(),
             )
         )
+    if not parts:  # a worker whose shard of the test clips came out empty
+        parts.append(ClipPredictions.empty(core.cfg.num_classes))
     return ClipPredictions.concat(parts), errors
+
+
+def gather_predictions(
+    preds: ClipPredictions, errors: list[str]
+) -> tuple[ClipPredictions, list[str]] | None:
+    """Rank 0: every worker's clip predictions and errors, in one (video, clip) order.
+
+    Other ranks return None. Sorting makes the video averages independent of which worker
+    scored which clip, so 1 and N workers report the same metrics.
+    """
+    if not dist.is_initialized():
+        gathered = [(preds, errors)]
+    else:
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((preds, errors), gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+    merged = ClipPredictions.concat([p for p, _ in gathered]).sorted()
+    return merged, [e for _, errs in gathered for e in errs]
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -244,10 +283,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rng_states = [_rng_state()]
         with tempfile.TemporaryDirectory() as tmp:
             report_checkpoint = None
-            if rank == 0:
-                # Rank 0 evaluates every test clip (the val set is not split over workers,
-                # so each clip is scored exactly once); the others wait at report().
-                val_metrics, report = _evaluate_epoch(core, device, per_worker_batch, class_names)
+            # Every worker scores its own shard of the test clips; rank 0 gets them all.
+            evaluated = evaluate_shard(core, device, per_worker_batch, class_names)
+            if evaluated is not None:
+                val_metrics, report = evaluated
                 metrics |= val_metrics
                 best = max(best, metrics["val_video_top1_vote"])
                 metrics["best_val_video_top1_vote"] = best
@@ -269,11 +308,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=report_checkpoint)
 
 
-def _evaluate_epoch(
+def evaluate_shard(
     core: JointAttentionNet, device: torch.device, batch_size: int, class_names: list[str]
-) -> tuple[dict[str, float], EvalReport]:
-    preds, errors = predict_clips(core, ray.train.get_dataset_shard("val"), device, batch_size)
+) -> tuple[dict[str, float], EvalReport] | None:
+    """Score this worker's shard of `val`; rank 0 returns the metrics of all the shards.
+
+    Each test clip is in exactly one shard (`SplitEvalDataConfig`), so it is scored once
+    whatever the number of workers.
+    """
+    shard = ray.train.get_dataset_shard("val")
+    gathered = gather_predictions(*predict_clips(core, shard, device, batch_size))
+    if gathered is None:
+        return None
+    preds, errors = gathered
     report = evaluate(preds, class_names)
     out = {f"val_{k}": float(v) for k, v in report.metrics.items()}
     out["val_bad_clips"] = float(len(errors))
     return out, report
+
+
+def eval_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point of `jlstm eval`: score this worker's shard of the test clips.
+
+    `loop_config` holds the model config, the class names and an object ref to the model's
+    state dict (so workers on other nodes get it from the object store). Rank 0 gathers
+    every shard and reports the metrics with the report files as a checkpoint.
+    """
+    model_cfg = ModelConfig.model_validate(loop_config["model_config"])
+    device = ray.train.torch.get_device()
+    core = JointAttentionNet(model_cfg)
+    core.load_state_dict(ray.get(loop_config["state_ref"]))
+    core.to(device)
+    evaluated = evaluate_shard(
+        core, device, loop_config["batch_size"], loop_config["class_names"]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if evaluated is None:
+            ray.train.report({}, checkpoint=None)
+            return
+        metrics, report = evaluated
+        report.write(Path(tmp) / EVAL_DIR)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -10,7 +10,6 @@ import logging
 import os
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,9 @@ from data_shards import (
 )
 from model import JointAttentionNet, ModelConfig, normalize_frames
 from orchestration import tracking
-from orchestration.config import ClusterConfig, ConfigError, JlstmConfig, config_to_yaml
+from orchestration.config import JlstmConfig, config_to_yaml
 from orchestration.plots import plot_attention_overlay, plot_loss_curves
+from orchestration.resources import ResourcePlan, cluster_may_grow, plan_live, plan_resources
 from orchestration.train_loop import EVAL_DIR, load_state, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -73,45 +73,19 @@ def init_ray() -> None:
         ray.init(log_to_driver=False)
 
 
-# Ray Data's shuffle and repartition tasks ask for one whole CPU each, whatever the decode
-# stage's own budget, so at least this much is always left to the data pipeline.
-DATA_PIPELINE_MIN_CPUS = 1.0
+def plan_run(cfg: JlstmConfig, *, max_runs: int = 1, trial_cpus: float = 0.0) -> ResourcePlan:
+    """The resource plan of `cfg` (or of a sweep's concurrent runs) on the live cluster.
 
-
-def worker_resources(cluster: ClusterConfig, decode_cpus: float) -> dict[str, float]:
-    """CPU (and GPU) per training worker, leaving enough CPU for Ray Data to run.
-
-    Two 1-CPU workers on a 2-CPU machine leave Ray Data nothing and the run waits forever
-    for resources, so the worker share is derived from what the cluster has.
+    On a cluster jlstm joined it waits up to `cluster.wait_for_resources_s` for the cluster
+    to grow; a plan that does not fit is refused with a ConfigError naming the numbers.
     """
-    total = ray.cluster_resources()
-    cpus = float(total.get("CPU", 0))
-    gpus = float(total.get("GPU", 0))
-    if cluster.use_gpu and gpus < cluster.num_workers:
-        raise ConfigError(
-            f"cluster.use_gpu = true with cluster.num_workers = {cluster.num_workers}, "
-            f"but the cluster has {gpus:g} GPUs"
-        )
-    reserve = max(decode_cpus, DATA_PIPELINE_MIN_CPUS)
-    free = cpus - reserve
-    per_worker = cluster.cpus_per_worker or free / cluster.num_workers
-    if per_worker <= 0 or per_worker * cluster.num_workers > free + 1e-9:
-        raise ConfigError(
-            f"cluster.num_workers = {cluster.num_workers} x cluster.cpus_per_worker = "
-            f"{per_worker:g} CPUs plus {reserve:g} CPU for Ray Data (data.decode_cpus = "
-            f"{decode_cpus:g}, at least {DATA_PIPELINE_MIN_CPUS:g}) does not fit the "
-            f"cluster's {cpus:g} CPUs; lower one of them (fractional CPUs are allowed)"
-        )
-    if cluster.cpus_per_worker is None and per_worker < 1:
-        warnings.warn(
-            f"{cluster.num_workers} training workers share {free:g} CPUs "
-            f"({per_worker:.2f} each) so that Ray Data keeps {reserve:g} CPU",
-            stacklevel=2,
-        )
-    resources = {"CPU": round(per_worker, 3)}
-    if cluster.use_gpu:
-        resources["GPU"] = 1.0
-    return resources
+    wait = cfg.cluster.wait_for_resources_s if cluster_may_grow() else 0.0
+    return plan_live(
+        lambda nodes: plan_resources(
+            cfg.cluster, cfg.data.decode_cpus, nodes, max_runs=max_runs, trial_cpus=trial_cpus
+        ),
+        wait,
+    )
 
 
 def start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -> str:
@@ -202,10 +176,41 @@ def prepare_data(cfg: JlstmConfig) -> PreparedData:
     return PreparedData(manifest, names, model_cfg, build_datasets(cfg.data, model_cfg))
 
 
+class SplitEvalDataConfig(ray.train.DataConfig):
+    """`train` split into equal shards (DDP steps in lockstep); `val` into unequal ones.
+
+    Ray Train's default `streaming_split(equal=True)` may drop up to world_size - 1 rows
+    to even the shards out. Evaluation must score every test clip exactly once, so `val`
+    is split with `equal=False`: each clip goes to exactly one worker, whichever asks for
+    the next block first, and rank 0 gathers the predictions.
+    """
+
+    def configure(
+        self,
+        datasets: dict[str, ray.data.Dataset],
+        world_size: int,
+        worker_handles: Any,
+        worker_node_ids: Any,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        rest = {name: ds for name, ds in datasets.items() if name != "val"}
+        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = ray.data.Dataset.copy(datasets["val"])
+            val.context.execution_options = self.default_ingest_options()
+            shards = val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+            for rank, shard in enumerate(shards):
+                output[rank]["val"] = shard
+        return output
+
+
 def build_trainer(
-    cfg: JlstmConfig, data: PreparedData, callbacks: list[ray.train.UserCallback]
+    cfg: JlstmConfig,
+    data: PreparedData,
+    plan: ResourcePlan,
+    callbacks: list[ray.train.UserCallback],
 ) -> TorchTrainer:
-    """A TorchTrainer for `cfg`: DDP workers sized to the cluster, checkpoint every epoch."""
+    """A TorchTrainer for `cfg`: DDP workers sized by `plan`, checkpoint every epoch."""
     storage = cfg.cluster.storage_path
     return TorchTrainer(
         train_loop_per_worker,
@@ -217,7 +222,7 @@ def build_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=cfg.cluster.use_gpu,
-            resources_per_worker=worker_resources(cfg.cluster, cfg.data.decode_cpus),
+            resources_per_worker=plan.worker_resources(),
         ),
         run_config=ray.train.RunConfig(
             name=cfg.resolved_run_name(),
@@ -229,8 +234,7 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets=data.datasets,
-        # The val set stays whole: rank 0 scores every test clip exactly once.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=SplitEvalDataConfig(),
     )
 
 
@@ -257,10 +261,11 @@ def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResu
     uri = tracking.connect()
     experiment_id = tracking.get_or_create_experiment(cfg.tracking.experiment)
     init_ray()
+    plan = plan_run(cfg)
     data = prepare_data(cfg)
     run_id = start_run(cfg, experiment_id, parent_run_id)
     log_run_inputs(cfg, run_id, data.model_cfg)
-    result = build_trainer(cfg, data, [MlflowEpochLogger(uri, run_id)]).fit()
+    result = build_trainer(cfg, data, plan, [MlflowEpochLogger(uri, run_id)]).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.resolved_run_name()!r} finished without a checkpoint")
     return finish_run(cfg, run_id, result.checkpoint, data)

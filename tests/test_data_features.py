@@ -53,7 +53,7 @@ def cached(
         use_feature_cache=True,
     )
     index_videos(data_cfg, show_progress=False)
-    info = build_feature_cache(data_cfg, model_cfg, use_gpu=False)
+    info = build_feature_cache(data_cfg, model_cfg)
     assert (info.num_videos, info.num_failed) == (6, 0)
     assert info.bytes_per_video > 0 and info.total_bytes == pytest.approx(6 * info.bytes_per_video)
     return data_cfg, model_cfg

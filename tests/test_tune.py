@@ -22,8 +22,9 @@ from data_shards import StaleCacheError, build_feature_cache, check_cache, ensur
 from data_shards.synth import synthesize_dataset
 from orchestration.cli import main
 from orchestration.config import ConfigError, load_config
+from orchestration.resources import NodeShape, ResourcePlan, plan_resources
 from tune_spaces.spaces import PAPER_POINT, load_sweep
-from tune_spaces.sweep import TRIAL_TAG, plan_resources, run_sweep
+from tune_spaces.sweep import TRIAL_TAG, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_TAPS = ["conv4_3", "pool4", "conv5_3"]
@@ -69,7 +70,7 @@ def base_config(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> 
     assert manifest.is_file()
     model_cfg = cfg.resolve_model(2).model_copy(update={"taps": ALL_TAPS})
     with pytest.warns(UserWarning, match="RANDOMLY INITIALIZED"):
-        build_feature_cache(cfg.data, model_cfg, use_gpu=False)
+        build_feature_cache(cfg.data, model_cfg)
     return path
 
 
@@ -153,14 +154,20 @@ def test_concurrency_leaves_a_cpu_to_ray_data(tmp_path: Path) -> None:
     base.write_text(yaml.safe_dump(raw))
     sweep, _ = load_sweep(_write_sweep(tmp_path / "s.yaml", base))
     cfg = load_config(base)
-    plan = plan_resources(cfg, sweep, {"CPU": 2.0})
+
+    def plan(cpus: float) -> ResourcePlan:
+        return plan_resources(
+            cfg.cluster, cfg.data.decode_cpus, [NodeShape(cpus)],
+            max_runs=sweep.num_samples, trial_cpus=sweep.trial_cpus,
+        )
+
     # 2 CPUs: 1 for Ray Data, the rest for one trial's driver (0.01) and its worker.
-    assert (plan.max_concurrent_trials, plan.cpus_per_worker) == (1, 0.99)
-    plan = plan_resources(cfg, sweep, {"CPU": 16.0})
-    assert plan.max_concurrent_trials == 4  # num_samples caps it
-    assert plan.max_concurrent_trials * (plan.cpus_per_worker + plan.trial_cpus) <= 15.0
+    assert (plan(2.0).concurrent_runs, plan(2.0).cpus_per_worker) == (1, 0.99)
+    wide = plan(16.0)
+    assert wide.concurrent_runs == 4  # num_samples caps it
+    assert wide.concurrent_runs * (wide.cpus_per_worker + wide.trial_cpus) <= 15.0
     cfg.cluster.cpus_per_worker = 0.49
-    assert plan_resources(cfg, sweep, {"CPU": 2.0}).max_concurrent_trials == 2
+    assert plan(2.0).concurrent_runs == 2
 
 
 def test_cache_of_all_taps_serves_every_branch_set(base_config: Path) -> None:

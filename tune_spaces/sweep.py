@@ -16,7 +16,6 @@ and the metric plot.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,9 @@ from data_shards import StaleCacheError, build_feature_cache, check_cache, class
 from model.backbone import TAP_LAST_INDEX
 from orchestration import tracking
 from orchestration.config import ConfigError, JlstmConfig, validate_config
+from orchestration.resources import ResourcePlan, feature_pool, live_nodes
 from orchestration.train_loop import CHECKPOINT_FILE, load_state
 from orchestration.trainer import (
-    DATA_PIPELINE_MIN_CPUS,
     MlflowEpochLogger,
     PreparedData,
     SplitResult,
@@ -43,6 +42,7 @@ from orchestration.trainer import (
     finish_run,
     init_ray,
     log_run_inputs,
+    plan_run,
     prepare_data,
     start_run,
 )
@@ -66,56 +66,6 @@ CACHE_KEYS = (
     "model.frame_size", "model.clip_len", "model.map_size", "model.backbone_weights",
     "data.train_stride", "data.eval_stride", "data.frame_interval", "data.feature_cache",
 )
-
-
-@dataclass(frozen=True)
-class ResourcePlan:
-    """How many trials run at once and the CPU each training worker gets."""
-
-    max_concurrent_trials: int
-    cpus_per_worker: float
-    trial_cpus: float
-    data_reserve: float
-    cluster_cpus: float
-
-
-def plan_resources(
-    cfg: JlstmConfig, sweep: SweepConfig, resources: dict[str, float]
-) -> ResourcePlan:
-    """Size concurrent trials so that they never starve each other or Ray Data.
-
-    Every trial holds `trial_cpus` for its driver function plus `num_workers` training
-    workers; what is left of the cluster after the data reserve (Ray Data's shuffle and
-    repartition tasks need one whole CPU, shared by all trials) is split between the
-    concurrent trials. `cluster.cpus_per_worker` (default 1) is the share a worker
-    wants; when it is unset, the workers of the chosen number of trials take what is left.
-    """
-    cpus = float(resources.get("CPU", 0))
-    gpus = float(resources.get("GPU", 0))
-    workers = cfg.cluster.num_workers
-    reserve = max(cfg.data.decode_cpus, DATA_PIPELINE_MIN_CPUS)
-    free = cpus - reserve
-    wanted = cfg.cluster.cpus_per_worker or 1.0
-    concurrent = max(1, math.floor((free + 1e-9) / (workers * wanted + sweep.trial_cpus)))
-    if cfg.cluster.use_gpu:
-        if gpus < workers:
-            raise ConfigError(
-                f"cluster.use_gpu = true with cluster.num_workers = {workers}, but the "
-                f"cluster has {gpus:g} GPUs"
-            )
-        concurrent = min(concurrent, int(gpus // workers))
-    concurrent = min(concurrent, sweep.max_concurrent_trials or concurrent, sweep.num_samples)
-    # Rounded down to the thousandth (Ray's resource granularity is 1e-4) so the sum of
-    # all requests never exceeds what is free.
-    fit = math.floor((free - concurrent * sweep.trial_cpus) / (concurrent * workers) * 1000) / 1000
-    per_worker = fit if cfg.cluster.cpus_per_worker is None else min(wanted, fit)
-    if per_worker <= 0 or (cfg.cluster.cpus_per_worker and wanted > fit + 1e-9):
-        raise ConfigError(
-            f"one trial needs cluster.num_workers = {workers} x cluster.cpus_per_worker = "
-            f"{wanted:g} CPUs + trial_cpus = {sweep.trial_cpus:g}, plus {reserve:g} CPU kept "
-            f"for Ray Data, but the cluster has {cpus:g} CPUs; lower one of them"
-        )
-    return ResourcePlan(concurrent, per_worker, sweep.trial_cpus, reserve, cpus)
 
 
 @dataclass
@@ -165,7 +115,7 @@ def ensure_cache(sweep: SweepConfig, base: JlstmConfig) -> None:
         check_cache(base.data, union)
     except StaleCacheError as err:
         log.info("building the feature cache for taps %s (%s)", union.taps, err)
-        build_feature_cache(base.data, union)
+        build_feature_cache(base.data, union, **feature_pool(live_nodes()))
 
 
 def _run_trial(
@@ -204,6 +154,7 @@ def _run_trial(
                 logger.log_epoch(epoch_metrics)
         tune.report({**history[-1], CHECKPOINT_PATH_KEY: str(finished)})
         return
+    plan = plan_run(cfg)
     data = prepare_data(cfg)
     log_run_inputs(cfg, run_id, data.model_cfg)
     callbacks = [
@@ -211,7 +162,7 @@ def _run_trial(
         TuneReportCallback(),
         RegisterTrainRun(registry_name, trial_id),
     ]
-    build_trainer(cfg, data, callbacks).fit()
+    build_trainer(cfg, data, plan, callbacks).fit()
 
 
 def _finished_checkpoint(cfg: JlstmConfig) -> Path | None:
@@ -274,7 +225,10 @@ def run_sweep(sweep: SweepConfig, base_raw: dict[str, Any], resume: bool = False
             f"a sweep named {sweep.name!r} already exists at {path}; continue it with "
             "--resume or choose another name"
         )
-    plan = plan_resources(base, sweep, ray.cluster_resources())
+    plan = plan_run(
+        base, max_runs=min(sweep.num_samples, sweep.max_concurrent_trials or sweep.num_samples),
+        trial_cpus=sweep.trial_cpus,
+    )
     log.info("resource plan: %s", plan)
     ensure_cache(sweep, base)
     client = MlflowClient()
@@ -320,7 +274,7 @@ def _tune_config(sweep: SweepConfig, base: JlstmConfig, plan: ResourcePlan) -> t
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     points = [p for p in [sweep.paper_point()] if p is not None]
-    concurrent = plan.max_concurrent_trials
+    concurrent = plan.concurrent_runs
     if sweep.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 

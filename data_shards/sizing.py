@@ -1,0 +1,95 @@
+"""How big an epoch and a feature cache are for a config, before anything is decoded.
+
+From the manifest when it exists (exact frame counts); else from the split files alone,
+with each video assumed to have the dataset's typical length (an estimate, flagged);
+else unknown. `jlstm plan` reports these beside the resource plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data_shards.clips import clip_starts, needed_frames
+from data_shards.config import DataConfig
+from data_shards.features import TAP_CHANNELS
+from data_shards.index import list_entries
+
+# Typical frames per video, for estimates from split files alone. UCF101: 7.21 s on
+# average at 25 fps (Soomro et al. 2012, "UCF101", section 3). HMDB51: every clip has at
+# least 101 frames (Kuehne et al. 2011), so this estimate is a lower bound.
+TYPICAL_FRAMES = {"ucf101": 180, "hmdb51": 101}
+CACHE_BYTES_PER_VALUE = 2  # the cache stores float16 taps
+FRAME_BYTES_PER_PIXEL = 3  # decoded clips are uint8 RGB
+
+
+@dataclass(frozen=True)
+class DataSize:
+    """Clips per subset and bytes on disk; None where neither manifest nor splits exist."""
+
+    source: str  # "manifest", "split files (estimate)" or "none: <why>"
+    train_videos: int | None
+    test_videos: int | None
+    train_clips: int | None
+    test_clips: int | None
+    cache_bytes: int | None  # the feature cache of this config's taps, train + test frames
+    bytes_per_clip: int  # what one clip moves from the cache (taps) or the decoder (frames)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tap_bytes_per_frame(model_cfg) -> int:
+    """Bytes of one frame's cached taps: taps x 512 x K x K float16 values."""
+    return len(model_cfg.taps) * TAP_CHANNELS * model_cfg.map_size**2 * CACHE_BYTES_PER_VALUE
+
+
+def bytes_per_clip(data_cfg: DataConfig, model_cfg) -> int:
+    """One clip's input as it reaches a training worker: cached taps or decoded frames."""
+    if data_cfg.use_feature_cache:
+        return model_cfg.clip_len * tap_bytes_per_frame(model_cfg)
+    return model_cfg.clip_len * model_cfg.frame_size**2 * FRAME_BYTES_PER_PIXEL
+
+
+def data_size(data_cfg: DataConfig, model_cfg) -> DataSize:
+    """Clip counts and cache size of `data_cfg` for `model_cfg`'s clips and taps."""
+    clip_len, interval = model_cfg.clip_len, data_cfg.frame_interval
+    strides = {"train": data_cfg.train_stride, "test": data_cfg.eval_stride_for(clip_len)}
+    per_clip = bytes_per_clip(data_cfg, model_cfg)
+    path = data_cfg.manifest_path()
+    if path.is_file():
+        manifest = pq.read_table(path, columns=["num_frames", "subset"])
+        videos = {s: manifest.filter(pc.equal(manifest["subset"], s)) for s in strides}
+        frames = {s: t["num_frames"].to_pylist() for s, t in videos.items()}
+        source = "manifest"
+    else:
+        typical = TYPICAL_FRAMES.get(data_cfg.dataset)
+        try:
+            entries, _ = list_entries(data_cfg)
+        except FileNotFoundError as err:
+            return DataSize(f"none: {err}", None, None, None, None, None, per_clip)
+        if typical is None:
+            return DataSize(
+                f"none: no manifest at {path} and no typical length for "
+                f"{data_cfg.dataset!r} videos", None, None, None, None, None, per_clip,
+            )
+        frames = {s: [typical for e in entries if e.subset == s] for s in strides}
+        source = f"split files (estimate: {typical} frames per video)"
+    clips = {
+        s: sum(len(clip_starts(n, clip_len, strides[s], interval)) for n in frames[s])
+        for s in strides
+    }
+    cached_frames = sum(
+        len(needed_frames(n, clip_len, strides[s], interval)) for s in strides for n in frames[s]
+    )
+    return DataSize(
+        source=source,
+        train_videos=len(frames["train"]),
+        test_videos=len(frames["test"]),
+        train_clips=clips["train"],
+        test_clips=clips["test"],
+        cache_bytes=cached_frames * tap_bytes_per_frame(model_cfg),
+        bytes_per_clip=per_clip,
+    )
