@@ -51,6 +51,7 @@ class NodeShape:
     cpus: float
     gpus: float = 0.0
     name: str = ""
+    node_id: str = ""  # Ray's node id, for live nodes
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ def live_nodes() -> list[NodeShape]:
         NodeShape(
             float(n["Resources"].get("CPU", 0)),
             float(n["Resources"].get("GPU", 0)),
-            f"{n['NodeManagerAddress']}/{n['NodeID'][:8]}",
+            f"{n['NodeManagerAddress']} {n['NodeID'][:8]}",
+            n["NodeID"],
         )
         for n in alive
     ]

@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray cluster for the whole session."""
+"""Shared fixtures: one local Ray cluster for the session, and a multi-node one on loopback."""
 
 from __future__ import annotations
 
@@ -7,20 +7,68 @@ from collections.abc import Iterator
 
 import pytest
 
+# What each simulated worker node offers: 3 logical CPUs, so one 2-CPU training worker
+# fits per node with 1 CPU left beside it for Ray Data; a small object store each.
+WORKER_NODE_CPUS = 3
+NODE_OBJECT_STORE_BYTES = 150 * 2**20
 
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """A real local Ray cluster (2 logical CPUs), started once and shared by every test."""
+
+def _start_local_ray() -> None:
+    """A real local Ray cluster of 2 logical CPUs (this machine's cores)."""
     import ray
 
     from orchestration.trainer import RAY_NODE_ENV
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # Also reaches the `ray start --head` cluster of the job-submission test.
+    # Also reaches the `ray start --head` cluster of the job-submission test and the
+    # raylets of the multi-node cluster.
     for key, value in RAY_NODE_ENV.items():
         os.environ.setdefault(key, value)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """The local Ray cluster, started once and shared by every test that needs one."""
+    import ray
+
+    _start_local_ray()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def multinode_cluster() -> Iterator[object]:
+    """`ray.cluster_utils.Cluster` on loopback: a head with no CPUs and 3 worker nodes.
+
+    The driver (this process) is connected to it for the module; the session's local
+    cluster, if it was running, is started again afterwards.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from orchestration.trainer import RAY_NODE_ENV
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    for key, value in RAY_NODE_ENV.items():
+        os.environ.setdefault(key, value)
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0, "include_dashboard": False,
+            "object_store_memory": NODE_OBJECT_STORE_BYTES,
+        },
+    )
+    try:
+        for _ in range(3):
+            cluster.add_node(num_cpus=WORKER_NODE_CPUS, object_store_memory=NODE_OBJECT_STORE_BYTES)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if was_running:
+            _start_local_ray()

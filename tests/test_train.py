@@ -26,6 +26,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from mlflow_server import free_port, running_mlflow_server
+from tiny_run import EPOCHS, tiny_config
 
 from data_shards import (
     build_feature_cache,
@@ -40,32 +41,6 @@ from orchestration.train_loop import load_state
 from orchestration.trainer import FINISHED_TAG, SplitResult, train_split
 
 REPO = Path(__file__).resolve().parent.parent
-EPOCHS = 3
-
-
-def tiny_config(root: Path, storage: Path, run_name: str, **sections: dict[str, Any]) -> dict:
-    """A config small enough to train 2 DDP workers on 2 CPUs in well under a minute."""
-    raw: dict[str, Any] = {
-        "variant": "late_fusion",
-        "run_name": run_name,
-        "model": {
-            "frame_size": 64, "clip_len": 4, "last_steps": 2, "map_size": 8,
-            "taps": ["conv4_3"], "channels": 16, "hidden_size": 32, "num_layers": 1,
-            "supervision_hidden": 16, "attention_reg_weight": 10.0, "center_taps": True,
-        },
-        "data": {
-            "dataset": "ucf101", "root": str(root), "train_stride": 2, "frame_interval": 3,
-            "decode_cpus": 0.5,
-        },
-        "train": {"epochs": EPOCHS, "batch_size": 8, "lr": 0.01},
-        "cluster": {"num_workers": 2, "storage_path": str(storage)},
-        "tracking": {"experiment": "test-train", "attention_examples": 1},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    return raw
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("videos")

@@ -1,0 +1,221 @@
+"""Multi-node Ray on loopback: workers spread over nodes, a lost node, distributed evaluation.
+
+`ray.cluster_utils.Cluster` (conftest): a head that runs no work and three worker nodes of
+3 logical CPUs. Training workers ask for 2 CPUs each, so no two share a node and each
+node keeps 1 CPU for Ray Data. The training controller and Ray Data's split coordinator
+live on the driver's node (the head), as on a real cluster. Logical GPUs (`num_gpus` on
+added nodes) test placement without starting CUDA.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from ray.util.placement_group import (
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
+from tiny_run import EPOCHS, tiny_config
+
+from data_shards import synthesize_dataset
+from model import ModelConfig
+from orchestration import tracking
+from orchestration.config import ClusterConfig, JlstmConfig, validate_config
+from orchestration.inference import evaluate_distributed, evaluate_model
+from orchestration.resources import live_nodes, plan_live, plan_resources
+from orchestration.train_loop import load_state
+from orchestration.trainer import SplitResult, train_split
+
+pytestmark = pytest.mark.slow
+WORKER_CPUS = 2.0
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthesize_dataset(
+        tmp_path_factory.mktemp("videos"), layout="ucf101", classes=2, videos_per_class=6,
+        seed=3, frame_size=64, num_frames=16,
+    )
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Checkpoint storage (every simulated node sees this machine's disk) and MLflow."""
+    root = tmp_path_factory.mktemp("multinode")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    yield root / "ray"
+    patch.undo()
+
+
+def _config(dataset: Path, storage: Path, run_name: str, **cluster: Any) -> JlstmConfig:
+    return validate_config(tiny_config(
+        dataset, storage, run_name,
+        cluster={"cpus_per_worker": WORKER_CPUS, "max_failures": 2, **cluster},
+        tracking={"experiment": "test-multinode", "attention_examples": 0},
+    ))
+
+
+def _worker_group_placements() -> dict[str, list[str]]:
+    """Placement group id -> node id of each bundle, for every training worker group seen.
+
+    Ray Train places its workers with one placement group of `num_workers` bundles.
+    """
+    return {
+        pg_id: list(pg["bundles_to_node_id"].values())
+        for pg_id, pg in placement_group_table().items()
+        if pg["bundles"] and all(b.get("CPU") == WORKER_CPUS for b in pg["bundles"].values())
+        and pg["bundles_to_node_id"]
+    }
+
+
+def _wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+class Background:
+    """`fn()` in a thread; `result()` re-raises what it raised."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._box: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._box["value"] = fn()
+        except BaseException as err:
+            self._box["error"] = err
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def result(self, timeout_s: float) -> Any:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"still running after {timeout_s:g} s"
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["value"]
+
+
+def _epoch_steps(run_id: str, metric: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, metric))
+
+
+@pytest.fixture(scope="module")
+def spread_run(
+    multinode_cluster: Any, dataset: Path, storage: Path
+) -> tuple[JlstmConfig, SplitResult, list[str]]:
+    """A 2-worker DDP run on the cluster, and the nodes its workers were placed on."""
+    cfg = _config(dataset, storage, "spread")
+    run = Background(lambda: train_split(cfg))
+    placements = _wait_for(_worker_group_placements, 300, "the training workers' placement")
+    return cfg, run.result(600), next(iter(placements.values()))
+
+
+def test_two_workers_spread_over_two_nodes_and_are_tracked(
+    spread_run: tuple[JlstmConfig, SplitResult, list[str]],
+) -> None:
+    _, result, worker_nodes = spread_run
+    head = ray.get_runtime_context().get_node_id()
+    assert len(set(worker_nodes)) == 2 and head not in worker_nodes
+    for metric in ("loss_total", "val_video_top1_vote", "epoch"):
+        assert _epoch_steps(result.run_id, metric) == list(range(1, EPOCHS + 1)), metric
+    name = tracking.registered_model_name("ucf101")
+    assert MlflowClient().get_model_version(name, result.model_version).run_id == result.run_id
+
+
+def test_evaluation_on_one_and_two_workers_agrees(
+    spread_run: tuple[JlstmConfig, SplitResult, list[str]], tmp_path: Path
+) -> None:
+    cfg, result, _ = spread_run
+    state = load_state(Path(result.checkpoint_dir))
+    one = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"num_workers": 1})})
+    on_one = evaluate_distributed(
+        one, ModelConfig.model_validate(state["model_config"]), state["model"],
+        state["class_names"], tmp_path / "one",
+    )
+    # The registered model (same weights) through `jlstm eval`'s path, on 2 workers.
+    name = tracking.registered_model_name("ucf101")
+    on_two = evaluate_model(f"models:/{name}/{result.model_version}", cfg, tmp_path / "two")
+    assert on_one == on_two
+    # And the training run's own last evaluation (2 workers, distributed) agrees.
+    last = state["history"][-1]
+    assert {k: on_one[k] for k in ("video_top1_vote", "clip_top1_prob", "video_top5_prob")} == {
+        k: last[f"val_{k}"] for k in ("video_top1_vote", "clip_top1_prob", "video_top5_prob")
+    }
+    assert (tmp_path / "two" / "confusion_matrix.png").is_file()
+
+
+def test_planner_waits_for_gpu_nodes_and_places_one_worker_per_gpu_node(
+    multinode_cluster: Any,
+) -> None:
+    cluster = ClusterConfig(num_workers=2, use_gpu=True, cpus_per_worker=1)
+    messages: list[str] = []
+    planning = Background(lambda: plan_live(
+        lambda nodes: plan_resources(cluster, 0.5, nodes), wait_s=120, poll_s=0.5,
+        say=messages.append,
+    ))
+    _wait_for(lambda: messages, 30, "the planner's waiting message")
+    assert "waiting" in messages[0] and "need 2 GPUs" in messages[0]
+    assert planning.alive()
+    gpu_nodes = [
+        multinode_cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=100 * 2**20)
+        for _ in range(2)
+    ]
+    try:
+        plan = planning.result(60)
+        nodes = live_nodes()
+        assert plan.fits
+        assert {nodes[w.node].node_id for w in plan.workers} == {n.node_id for n in gpu_nodes}
+        # Ray places the plan's bundles the same way: one per GPU node.
+        pg = placement_group([plan.worker_resources()] * plan.num_workers, strategy="PACK")
+        ray.get(pg.ready(), timeout=60)
+        placed = placement_group_table(pg)["bundles_to_node_id"].values()
+        assert sorted(placed) == sorted(n.node_id for n in gpu_nodes)
+        remove_placement_group(pg)
+    finally:
+        for node in gpu_nodes:
+            multinode_cluster.remove_node(node)
+
+
+def test_run_survives_losing_a_worker_node(
+    multinode_cluster: Any, dataset: Path, storage: Path
+) -> None:
+    cfg = _config(dataset, storage, "node-loss")
+    seen_before = set(_worker_group_placements())
+    run = Background(lambda: train_split(cfg))
+    first_checkpoint = storage / "node-loss"
+    _wait_for(lambda: list(first_checkpoint.glob("checkpoint_*/state.pt")), 400,
+              "the first epoch's checkpoint")
+    assert run.alive(), "the run finished before a node could be removed: make it longer"
+    groups = {k: v for k, v in _worker_group_placements().items() if k not in seen_before}
+    (worker_nodes,) = groups.values()
+    victim = next(n for n in multinode_cluster.worker_nodes if n.node_id in worker_nodes)
+    multinode_cluster.remove_node(victim)
+
+    result = run.result(600)
+    # The worker group was placed again, without the lost node.
+    seen = seen_before | set(groups)
+    regrouped = [v for k, v in _worker_group_placements().items() if k not in seen]
+    assert regrouped and all(victim.node_id not in nodes for nodes in regrouped)
+    # Every epoch in MLflow exactly once (a re-run epoch would show up twice here).
+    for metric in ("epoch", "loss_total", "val_video_top1_vote"):
+        assert _epoch_steps(result.run_id, metric) == list(range(1, EPOCHS + 1)), metric
+    assert load_state(Path(result.checkpoint_dir))["epoch"] == EPOCHS
+    name = tracking.registered_model_name("ucf101")
+    assert MlflowClient().get_model_version(name, result.model_version).run_id == result.run_id
