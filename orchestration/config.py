@@ -66,6 +66,10 @@ class TrackingConfig(_Section):
     experiment: str = "jlstm"
     register_model: bool = True
     attention_examples: int = Field(3, ge=0, description="test videos drawn as attention grids")
+    system_metrics_interval_s: float | None = Field(
+        10.0, gt=0, description="MLflow system metrics (CPU, memory, GPU) from every training "
+        "node, sampled this often; null turns them off",
+    )
 
 
 class JlstmConfig(_Section):

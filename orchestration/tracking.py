@@ -17,7 +17,7 @@ import urllib.request
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -34,6 +34,9 @@ import model as model_package
 from model import ModelConfig
 from orchestration import mlflow_model
 from orchestration.mlflow_model import LoadedModel, load_from_files
+
+if TYPE_CHECKING:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 DEFAULT_TRACKING_DIR = "runs"
 DB_FILE = "mlflow.db"
@@ -99,6 +102,26 @@ def connect() -> str:
     check_tracking_reachable(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def start_system_metrics(
+    run_id: str, uri: str, node: str, interval_s: float
+) -> SystemMetricsMonitor:
+    """MLflow's system metrics monitor (CPU, memory, disk, network, and GPU through NVML)
+    for this node, logged to `run_id` as `system/<node>/...` from a background thread.
+
+    MLflow starts one only inside `mlflow.start_run(log_system_metrics=True)` in the
+    process that owns the run; the training nodes are other processes, so the monitor
+    class that call uses is started directly.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval_s, resume_logging=True, node_id=node,
+        tracking_uri=uri,
+    )
+    monitor.start()
+    return monitor
 
 
 def _sqlite_path(uri: str) -> Path | None:

@@ -268,6 +268,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, best, history = state["epoch"], state["best_metric"], state["history"]
     net = ray.train.torch.prepare_model(core)
     per_worker_batch = max(1, cfg.train.batch_size // world)
+    monitor = _node_system_metrics(loop_config.get("system_metrics"), ctx)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         metrics = train_epoch(
@@ -306,6 +307,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 report.write(Path(tmp) / EVAL_DIR)
                 report_checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=report_checkpoint)
+    if monitor is not None:
+        monitor.finish()
+
+
+def _node_system_metrics(settings: dict[str, Any] | None, ctx: Any) -> Any:
+    """One MLflow system-metrics monitor per training node (its local rank 0), or None.
+
+    A worker reaches a local SQLite store only on the driver's node, so with one the other
+    nodes log none; with a tracking server every node does (`system/node<rank>/...`).
+    """
+    if not settings or ctx.get_local_rank() != 0:
+        return None
+    on_driver_node = ray.get_runtime_context().get_node_id() == settings["driver_node_id"]
+    if settings["tracking_uri"].startswith("sqlite") and not on_driver_node:
+        return None
+    from orchestration.tracking import start_system_metrics
+
+    return start_system_metrics(
+        settings["run_id"], settings["tracking_uri"], f"node{ctx.get_node_rank()}",
+        settings["interval_s"],
+    )
 
 
 def evaluate_shard(

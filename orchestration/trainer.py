@@ -209,15 +209,28 @@ def build_trainer(
     data: PreparedData,
     plan: ResourcePlan,
     callbacks: list[ray.train.UserCallback],
+    mlflow_run_id: str | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer for `cfg`: DDP workers sized by `plan`, checkpoint every epoch."""
+    """A TorchTrainer for `cfg`: DDP workers sized by `plan`, checkpoint every epoch.
+
+    With `mlflow_run_id`, the training nodes log MLflow system metrics to that run.
+    """
     storage = cfg.cluster.storage_path
+    system_metrics = None
+    if mlflow_run_id and cfg.tracking.system_metrics_interval_s:
+        system_metrics = {
+            "run_id": mlflow_run_id,
+            "tracking_uri": mlflow.get_tracking_uri(),
+            "driver_node_id": ray.get_runtime_context().get_node_id(),
+            "interval_s": cfg.tracking.system_metrics_interval_s,
+        }
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "model_config": data.model_cfg.model_dump(mode="json"),
             "class_names": data.class_names,
+            "system_metrics": system_metrics,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers,
@@ -265,7 +278,7 @@ def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResu
     data = prepare_data(cfg)
     run_id = start_run(cfg, experiment_id, parent_run_id)
     log_run_inputs(cfg, run_id, data.model_cfg)
-    result = build_trainer(cfg, data, plan, [MlflowEpochLogger(uri, run_id)]).fit()
+    result = build_trainer(cfg, data, plan, [MlflowEpochLogger(uri, run_id)], run_id).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.resolved_run_name()!r} finished without a checkpoint")
     return finish_run(cfg, run_id, result.checkpoint, data)

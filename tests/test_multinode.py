@@ -60,7 +60,8 @@ def _config(dataset: Path, storage: Path, run_name: str, **cluster: Any) -> Jlst
     return validate_config(tiny_config(
         dataset, storage, run_name,
         cluster={"cpus_per_worker": WORKER_CPUS, "max_failures": 2, **cluster},
-        tracking={"experiment": "test-multinode", "attention_examples": 0},
+        tracking={"experiment": "test-multinode", "attention_examples": 0,
+                  "system_metrics_interval_s": 2},
     ))
 
 

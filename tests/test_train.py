@@ -84,6 +84,9 @@ def test_training_run_is_tracked(trained: tuple[JlstmConfig, SplitResult]) -> No
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert "plots/loss_curves.png" in plots
     assert any(p.startswith("plots/attention_") for p in plots)
+    # The training node's system metrics (one node here: the local cluster).
+    assert run.data.metrics["system/node0/cpu_utilization_percentage"] >= 0
+    assert "system/node0/system_memory_usage_megabytes" in run.data.metrics
     top = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "quarantine.csv"} <= top
     name = tracking.registered_model_name("ucf101")

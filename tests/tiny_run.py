@@ -24,7 +24,9 @@ def tiny_config(root: Path, storage: Path, run_name: str, **sections: dict[str, 
         },
         "train": {"epochs": EPOCHS, "batch_size": 8, "lr": 0.01},
         "cluster": {"num_workers": 2, "storage_path": str(storage)},
-        "tracking": {"experiment": "test-train", "attention_examples": 1},
+        "tracking": {
+            "experiment": "test-train", "attention_examples": 1, "system_metrics_interval_s": 2,
+        },
     }
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values}

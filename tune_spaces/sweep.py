@@ -162,7 +162,7 @@ def _run_trial(
         TuneReportCallback(),
         RegisterTrainRun(registry_name, trial_id),
     ]
-    build_trainer(cfg, data, plan, callbacks).fit()
+    build_trainer(cfg, data, plan, callbacks, run_id).fit()
 
 
 def _finished_checkpoint(cfg: JlstmConfig) -> Path | None:
