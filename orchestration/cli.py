@@ -117,7 +117,8 @@ def print_plan(report: dict[str, Any]) -> None:
         shape = f"{node['cpus']:g} CPU" + (f", {node['gpus']:g} GPU" if node["gpus"] else "")
         print(f"  worker {rank}: node {worker['node']} ({node['name']}: {shape}) takes "
               f"{worker['CPU']:g} CPU + {worker['GPU']:g} GPU")
-    print(f"  Ray Data keeps {report['data_cpus']:g} CPUs")
+    if report["fits"]:
+        print(f"  Ray Data keeps {report['data_cpus']:g} CPUs")
 
     def number(key: str, unit: str = "") -> str:
         value = report[key]

@@ -75,7 +75,7 @@ class ResourcePlan:
     concurrent_runs: int
     trial_cpus: float
     workers: list[WorkerPlacement]  # the first run's workers
-    data_cpus: float  # CPUs no bundle holds, for Ray Data
+    data_cpus: float  # CPUs no bundle holds, for Ray Data (0 when it does not fit)
     nodes: list[NodeShape] = field(default_factory=list)
 
     def worker_resources(self) -> dict[str, float]:
@@ -198,8 +198,8 @@ def plan_resources(
         return placed
 
     def refuse(reason: str, cpus: float) -> ResourcePlan:
-        return ResourcePlan(False, reason, workers, cpus, gpus, 0, trial_cpus, [],
-                            max(0.0, total_cpus - reserve), list(nodes))
+        return ResourcePlan(False, reason, workers, cpus, gpus, 0, trial_cpus, [], 0.0,
+                            list(nodes))
 
     if gpus and total_gpus < workers * gpus:
         return refuse(
