@@ -32,6 +32,7 @@ CHECKPOINT_FILE = "state.pt"
 EVAL_DIR = "eval"  # the epoch's evaluation report (metrics, per-class CSV, confusion matrix)
 TAP_PREFIX = "taps_"
 LOSS_TERMS = ("total", "lstm", "supervision", "attention_reg")
+VAL_SECONDS = "val_seconds"
 
 
 @dataclass
@@ -338,6 +339,7 @@ def evaluate_shard(
     Each test clip is in exactly one shard (`SplitEvalDataConfig`), so it is scored once
     whatever the number of workers.
     """
+    started = time.perf_counter()
     shard = ray.train.get_dataset_shard("val")
     gathered = gather_predictions(*predict_clips(core, shard, device, batch_size))
     if gathered is None:
@@ -346,6 +348,8 @@ def evaluate_shard(
     report = evaluate(preds, class_names)
     out = {f"val_{k}": float(v) for k, v in report.metrics.items()}
     out["val_bad_clips"] = float(len(errors))
+    # Until the slowest worker's shard is scored and gathered: the evaluation's wall time.
+    out[VAL_SECONDS] = time.perf_counter() - started
     return out, report
 
 
