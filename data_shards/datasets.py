@@ -70,24 +70,28 @@ def _shuffle_seed(data_cfg: DataConfig, epoch_seed: int | None) -> RandomSeedCon
     )
 
 
-def _clip_rows(data_cfg: DataConfig, model_cfg, clips: ray.data.Dataset) -> ray.data.Dataset:
-    """clip rows -> rows with frames or taps (see the module docstring for the columns)."""
+def _clip_rows(
+    data_cfg: DataConfig, model_cfg, clips: ray.data.Dataset, stride: int,
+    cache_taps: list[str] | None,
+) -> ray.data.Dataset:
+    """clip rows (on a grid of `stride`) -> rows with frames or taps (module docstring)."""
     ds = clips.repartition(target_num_rows_per_block=data_cfg.decode_batch_size)
     common = {
         "batch_size": data_cfg.decode_batch_size,
         "batch_format": "numpy",
         "num_cpus": data_cfg.decode_cpus,
     }
-    if data_cfg.use_feature_cache:
+    if cache_taps is not None:
         from data_shards.features import read_cached_batch
 
         return ds.map_batches(
             read_cached_batch,
             fn_kwargs={
                 "cache_dir": data_cfg.feature_cache,
+                "cache_taps": cache_taps,
                 "taps": list(model_cfg.taps),
-                "map_size": model_cfg.map_size,
                 "clip_len": model_cfg.clip_len,
+                "stride": stride,
                 "frame_interval": data_cfg.frame_interval,
             },
             **common,
@@ -116,19 +120,19 @@ def build_datasets(
     """
     manifest = load_manifest(data_cfg)
     check_bad_fraction(data_cfg, manifest)
+    cache_taps = None
     if data_cfg.use_feature_cache:
         from data_shards.features import check_cache
 
-        check_cache(data_cfg, model_cfg, manifest)
+        cache_taps = check_cache(data_cfg, model_cfg, manifest)["taps"]
     clip_len, interval = model_cfg.clip_len, data_cfg.frame_interval
-    train_clips = subset_clips(manifest, "train", clip_len, data_cfg.train_stride, interval)
-    val_clips = subset_clips(
-        manifest, "test", clip_len, data_cfg.eval_stride_for(clip_len), interval
-    )
+    train_stride, eval_stride = data_cfg.train_stride, data_cfg.eval_stride_for(clip_len)
+    train_clips = subset_clips(manifest, "train", clip_len, train_stride, interval)
+    val_clips = subset_clips(manifest, "test", clip_len, eval_stride, interval)
     shuffled = ray.data.from_arrow(train_clips).random_shuffle(
         seed=_shuffle_seed(data_cfg, epoch_seed)
     )
-    train = _clip_rows(data_cfg, model_cfg, shuffled)
-    val = _clip_rows(data_cfg, model_cfg, ray.data.from_arrow(val_clips))
+    train = _clip_rows(data_cfg, model_cfg, shuffled, train_stride, cache_taps)
+    val = _clip_rows(data_cfg, model_cfg, ray.data.from_arrow(val_clips), eval_stride, cache_taps)
     val.context.execution_options.preserve_order = True
     return {"train": train, "val": val}

@@ -2,19 +2,24 @@
 
 Layout of `<feature_cache>/`:
   cache_key.json           everything that changes the content (see `cache_key`)
-  videos.parquet           one row per video: video_id, file, bytes, frames, ok, error
-  video_<id>.parquet       one row per needed frame, sorted: frame_index (int32) and
-                           taps_<name> (float16 fixed-size list, 512 * K * K) per tap;
-                           small row groups so a clip reads only the frames it needs.
+  videos.parquet           one row per video: video_id, bytes, ok, error
+  video_<id>.npy           float16 [taps, F, 512, K, K]: the key's taps, in its order, x
+                           the video's needed frames (`needed_frames` of its subset's clip
+                           grid, ascending); a plain NumPy array file (`np.load` opens it).
 
 Building it is a Ray Data actor pool (one VGG16 per actor, a GPU each on a GPU
-cluster). Reading it is a `map_batches` function over the same clip tables as decoding.
+cluster). Reading it is a `map_batches` function over the same clip tables as decoding:
+a clip of one tap is one contiguous byte range of the file (its frames are consecutive
+rows), read with one `preadv` straight into the batch, so a read costs one copy out of
+the page cache. The Parquet layout this replaces (row groups of 8 frames, filtered per
+batch) delivered about 3% of a plain read; benchmarks/cache_read.py measures this one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +35,7 @@ from data_shards.decode import open_reader
 
 KEY_FILE = "cache_key.json"
 INDEX_FILE = "videos.parquet"
-CACHE_FORMAT = 1
-ROW_GROUP_FRAMES = 8  # frames per Parquet row group: the unit a clip read fetches
+CACHE_FORMAT = 2
 TAP_CHANNELS = 512  # every VGG16 tap (conv4_3, pool4, conv5_3, pool5) has 512 channels
 FORWARD_CHUNK = 32  # frames per backbone forward pass
 # Random-init VGG16 (no backbone_weights) is seeded so the cache and its check agree.
@@ -119,8 +123,8 @@ def check_cache(data_cfg: DataConfig, model_cfg, manifest: pa.Table | None = Non
 
 
 def cache_file(cache_dir: str | Path, video_id: int) -> Path:
-    """The Parquet shard of one video."""
-    return Path(cache_dir) / f"video_{video_id:07d}.parquet"
+    """The array file of one video."""
+    return Path(cache_dir) / f"video_{video_id:07d}.npy"
 
 
 def _work_table(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> pa.Table:
@@ -163,18 +167,15 @@ class _TapWriter:
         return {tap: np.concatenate(parts) for tap, parts in chunks.items()}
 
     def _write(self, video_id: int, path: str, wanted: list[int]) -> int:
-        """Write one video's shard; returns its size in bytes."""
+        """Write one video's array file; returns its size in bytes."""
         reader = open_reader(path, self.model_cfg.frame_size)
         taps = self._taps(reader.get_batch(wanted).asnumpy())
-        columns = {"frame_index": pa.array(wanted, pa.int32())}
-        for tap, values in taps.items():
-            flat = pa.array(values.reshape(-1), pa.float16())
-            columns[f"taps_{tap}"] = pa.FixedSizeListArray.from_arrays(flat, values[0].size)
-        target = cache_file(self.cache_dir, video_id)
         # Uncompressed: fp16 activations barely compress, and reads then cost a copy only.
-        pq.write_table(
-            pa.table(columns), target, row_group_size=ROW_GROUP_FRAMES, compression="none"
-        )
+        values = np.stack([taps[tap] for tap in self.model_cfg.taps])
+        target = cache_file(self.cache_dir, video_id)
+        partial = target.with_suffix(".partial")
+        np.save(partial, values, allow_pickle=False)
+        partial.with_suffix(".partial.npy").rename(target)  # np.save appends .npy
         return target.stat().st_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -195,7 +196,8 @@ class _TapWriter:
 
 def _clear(cache_dir: Path) -> None:
     """Remove an earlier cache's files (only the ones this module writes)."""
-    for path in [cache_dir / KEY_FILE, cache_dir / INDEX_FILE, *cache_dir.glob("video_*.parquet")]:
+    old = [*cache_dir.glob("video_*.npy"), *cache_dir.glob("video_*.parquet")]
+    for path in [cache_dir / KEY_FILE, cache_dir / INDEX_FILE, *old]:
         path.unlink(missing_ok=True)
 
 
@@ -264,46 +266,95 @@ def build_feature_cache(
     return _info(cache_dir, index, key)
 
 
+class _ArrayFile:
+    """A cache file's array header and an open descriptor for positional reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            self.shape, _, self.dtype = read_header(f)
+            self.offset = f.tell()
+        if self.dtype != np.float16:
+            raise ValueError(f"{path} holds {self.dtype}, not float16: rebuild the cache")
+        self.row_bytes = int(np.prod(self.shape[2:])) * 2
+        expected = self.offset + int(np.prod(self.shape)) * 2
+        size = os.fstat(self.fd).st_size
+        if size != expected:
+            raise ValueError(f"{path} is {size} bytes, its header says {expected}: truncated")
+
+    def read_rows(self, tap: int, first: int, out: np.ndarray) -> None:
+        """Rows first.. of one tap into `out` (C-contiguous [rows, 512, K, K])."""
+        start = self.offset + (tap * self.shape[1] + first) * self.row_bytes
+        got = os.preadv(self.fd, [out.data.cast("B")], start)
+        if got != out.nbytes:
+            raise ValueError(f"short read: {got} of {out.nbytes} bytes")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def read_cached_batch(
     batch: dict[str, np.ndarray],
     *,
     cache_dir: str,
+    cache_taps: list[str],
     taps: list[str],
-    map_size: int,
     clip_len: int,
+    stride: int,
     frame_interval: int,
 ) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` function: clip rows in, cached taps out; never raises.
 
-    Out: taps_<name> float16 [B, T, 512, K, K] per tap, label, video_id, clip_start, ok,
-    error (as `decode_batch`). Each video's shard is read once per batch, only the row
-    groups holding the batch's frames.
+    `cache_taps` are the cache's taps (its key), `taps` the ones wanted (any subset);
+    `stride` is the clip grid of the rows' subset, which decides the frames a video's
+    file holds. Out: taps_<name> float16 [B, T, 512, K, K] per tap, label, video_id,
+    clip_start, ok, error (as `decode_batch`).
     """
     size = len(batch["video_id"])
-    clips = [
-        frame_indices(int(start), int(n), clip_len, frame_interval)
-        for start, n in zip(batch["clip_start"], batch["num_frames"], strict=True)
-    ]
-    shape = (size, clip_len, TAP_CHANNELS, map_size, map_size)
-    out = {f"taps_{tap}": np.zeros(shape, dtype=np.float16) for tap in taps}
+    columns = [cache_taps.index(tap) for tap in taps]
+    key = json.loads((Path(cache_dir) / KEY_FILE).read_text())
+    shape = (size, clip_len, TAP_CHANNELS, key["map_size"], key["map_size"])
+    out = {f"taps_{tap}": np.empty(shape, dtype=np.float16) for tap in taps}
     ok = np.ones(size, dtype=bool)
     errors = np.full(size, "", dtype=object)
     for video_id in np.unique(batch["video_id"]):
         rows = np.flatnonzero(batch["video_id"] == video_id)
-        wanted = sorted({f for r in rows for f in clips[r]})
+        num_frames = int(batch["num_frames"][rows[0]])
+        file = None
         try:
-            table = pq.read_table(
-                cache_file(cache_dir, int(video_id)), filters=[("frame_index", "in", wanted)]
-            )
-            position = {f: i for i, f in enumerate(table["frame_index"].to_pylist())}
-            for tap in taps:
-                flat = table[f"taps_{tap}"].combine_chunks().flatten().to_numpy()
-                values = flat.reshape(-1, *shape[2:])
-                for r in rows:
-                    out[f"taps_{tap}"][r] = values[[position[f] for f in clips[r]]]
-        except Exception as e:  # missing shard (video failed at build time), unreadable file
+            file = _ArrayFile(cache_file(cache_dir, int(video_id)))
+            # The frames the file holds, ascending: row i of the file is frame held[i].
+            held = np.asarray(needed_frames(num_frames, clip_len, stride, frame_interval))
+            if file.shape[:2] != (len(cache_taps), len(held)):
+                raise ValueError(
+                    f"holds {file.shape[:2]} (taps, frames), expected "
+                    f"{(len(cache_taps), len(held))}: rebuild the cache"
+                )
+            for r in rows:
+                frames = frame_indices(int(batch["clip_start"][r]), num_frames, clip_len,
+                                       frame_interval)
+                positions = np.minimum(np.searchsorted(held, frames), len(held) - 1)
+                if not np.array_equal(held[positions], frames):
+                    raise ValueError(f"clip at {batch['clip_start'][r]} is off the cache's grid")
+                # Consecutive rows (the usual case): one read per tap; else one per frame.
+                first = int(positions[0])
+                runs = ([(first, 0, clip_len)]
+                        if np.array_equal(positions, np.arange(first, first + clip_len))
+                        else [(int(p), i, i + 1) for i, p in enumerate(positions)])
+                for tap, column in zip(taps, columns, strict=True):
+                    for row, lo, hi in runs:
+                        file.read_rows(column, row, out[f"taps_{tap}"][r, lo:hi])
+        except Exception as e:  # missing file (video failed at build time), unreadable file
             ok[rows] = False
             errors[rows] = f"video {video_id}: no cached taps: {type(e).__name__}: {e}"
+        finally:
+            if file is not None:
+                file.close()
+    for tap in taps:
+        out[f"taps_{tap}"][~ok] = 0  # failed rows carry zeros, never stale memory
     return {
         **out,
         "label": batch["label"].astype(np.int64),
