@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     add_data_commands(data_commands)
     features = data_commands.add_parser(
-        "features", help="compute the frozen VGG16 taps once and cache them (fp16 Parquet)"
+        "features", help="compute the frozen VGG16 taps once and cache them (fp16 .npy per video)"
     )
     _add_config_args(features)
     features.add_argument("--rebuild", action="store_true", help="rebuild even a fresh cache")

@@ -1,0 +1,196 @@
+"""Feature-cache reads: taps delivered by the Ray Data stream vs a plain read of the same files.
+
+A synthetic dataset is generated, indexed and cached (`build_feature_cache`, the paper's
+taps pool4 + conv5_3 at K = 11 by default: 248 KB a frame) in a temp dir. Then, with the
+cache files in the page cache (read once before timing), in the same run:
+
+- plain: every cache file read sequentially into one buffer (`readinto`), one process;
+- stream: `build_datasets(...)["train"]` (shuffled clips, as training reads them) iterated
+  with `iter_batches` by a consumer in this process, which turns each tap column into a
+  torch tensor, as a training worker does. The read stage gets `--cpus` Ray CPUs.
+
+Figures: clips/s and MB/s of taps delivered; per CPU used, where CPU used is the CPU
+time (user + system) of this process and the local Ray cluster it started (Ray's tasks,
+raylet, object store, the consumer) over the stream's wall time; and the stream's MB/s
+per CPU as a share of the plain read's MB/s (one CPU).
+
+    python benchmarks/cache_read.py --out benchmarks/results/cache_read.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import ray
+import torch
+from common import load_average, machine_info
+
+from data_shards import (
+    DataConfig,
+    build_datasets,
+    build_feature_cache,
+    index_videos,
+    synthesize_dataset,
+)
+from model import ModelConfig
+from orchestration.trainer import RAY_NODE_ENV
+
+MB = 1e6
+
+
+def cpu_seconds() -> float:
+    """CPU time so far of this process and every process it started: the local Ray
+    cluster's GCS, raylet, object store and task workers (other work on the machine
+    does not count)."""
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def plain_read(files: list[Path]) -> dict[str, float]:
+    """Every file read sequentially into one reused buffer."""
+    buffer = bytearray(max(f.stat().st_size for f in files))
+    view = memoryview(buffer)
+    started, total = time.perf_counter(), 0
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            total += f.readinto(view)
+    seconds = time.perf_counter() - started
+    return {"bytes": total, "seconds": seconds, "mb_per_s": total / seconds / MB}
+
+
+def stream(dataset: ray.data.Dataset, batch: int, taps: list[str], epochs: int) -> dict:
+    """Iterate the dataset as a training worker would, `epochs` times; each epoch timed
+    from its first batch on (the executor's start-up is a fixed cost per epoch)."""
+    clips = delivered = 0
+    seconds = cpu = 0.0
+    for _ in range(epochs):
+        batches = iter(dataset.iter_batches(batch_size=batch, batch_format="numpy"))
+        next(batches)
+        cpu_start, started = cpu_seconds(), time.perf_counter()
+        for rows in batches:
+            tensors = [torch.as_tensor(rows[f"taps_{tap}"]) for tap in taps]
+            assert rows["ok"].all(), rows["error"][~rows["ok"]][:3]
+            clips += len(rows["label"])
+            delivered += sum(t.numel() * t.element_size() for t in tensors)
+        seconds += time.perf_counter() - started
+        cpu += cpu_seconds() - cpu_start
+    return {
+        "clips": clips, "bytes": delivered, "seconds": seconds, "cpu_seconds": cpu,
+        "cpus_used": cpu / seconds, "clips_per_s": clips / seconds,
+        "mb_per_s": delivered / seconds / MB, "mb_per_s_per_cpu": delivered / cpu / MB,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--videos", type=int, default=24, help="synthetic videos (2 classes)")
+    parser.add_argument("--num-frames", type=int, default=48, help="frames per video")
+    parser.add_argument("--frame-size", type=int, default=176, help="S (pool4 = S / 16 >= K)")
+    parser.add_argument("--clip-len", type=int, default=16)
+    parser.add_argument("--map-size", type=int, default=11, help="K")
+    parser.add_argument("--taps", default="pool4,conv5_3")
+    parser.add_argument("--cpus", type=float, default=1.0, help="Ray CPUs for the read stage")
+    parser.add_argument("--decode-batch-size", type=int, default=8, help="clips per read task")
+    parser.add_argument(
+        "--batch", type=int, default=8,
+        help="clips per consumer batch (= --decode-batch-size: no re-batching copy)",
+    )
+    parser.add_argument("--epochs", type=int, default=4, help="passes over the clips per run")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workdir", help="keep (and reuse) the data and cache here")
+    args = parser.parse_args()
+    taps = args.taps.split(",")
+    load_start = load_average()
+    for key, value in RAY_NODE_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(num_cpus=args.cpus + 1, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
+        tmp = args.workdir or scratch
+        root = Path(tmp) / "data"
+        if not (root / "manifest_split1.parquet").is_file():  # a --workdir run is reused
+            synthesize_dataset(
+                root, classes=2, videos_per_class=args.videos // 2,
+                frame_size=args.frame_size, num_frames=args.num_frames,
+            )
+        model_cfg = ModelConfig(
+            num_classes=2, frame_size=args.frame_size, clip_len=args.clip_len, last_steps=2,
+            taps=taps, map_size=args.map_size,
+        )
+        data_cfg = DataConfig(
+            dataset="ucf101", root=str(root), train_stride=args.clip_len // 2,
+            decode_cpus=args.cpus, decode_batch_size=args.decode_batch_size,
+            feature_cache=str(Path(tmp) / "features"), use_feature_cache=True,
+        )
+        if not data_cfg.manifest_path().is_file():
+            index_videos(data_cfg, show_progress=False)
+        built = time.perf_counter()
+        info = build_feature_cache(data_cfg, model_cfg)
+        build_s = time.perf_counter() - built
+        files = sorted(p for p in Path(data_cfg.feature_cache).glob("video_*.npy"))
+        assert len(files) == info.num_videos - info.num_failed
+        plain_read(files)  # into the page cache
+        runs: list[dict[str, Any]] = []
+        for run in range(args.runs):
+            plain = plain_read(files)
+            streamed = stream(
+                build_datasets(data_cfg, model_cfg)["train"], args.batch, taps, args.epochs
+            )
+            runs.append({"plain": plain, "stream": streamed})
+            print(f"run {run}: plain {plain['mb_per_s']:.0f} MB/s; stream "
+                  f"{streamed['mb_per_s']:.0f} MB/s on {streamed['cpus_used']:.2f} CPUs "
+                  f"({streamed['mb_per_s_per_cpu']:.0f} MB/s per CPU, "
+                  f"{streamed['clips_per_s']:.0f} clips/s)", flush=True)
+    ray.shutdown()
+
+    def median(part: str, key: str) -> float:
+        return round(statistics.median(r[part][key] for r in runs), 2)
+
+    bytes_per_clip = args.clip_len * len(taps) * 512 * args.map_size**2 * 2
+    result = {
+        "machine": machine_info(),
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "setup": {**vars(args), "bytes_per_clip": bytes_per_clip,
+                  "cache_files": len(files), "cache_bytes": info.total_bytes,
+                  "cache_build_s": round(build_s, 1)},
+        "plain_mb_per_s": median("plain", "mb_per_s"),
+        "stream_clips_per_s": median("stream", "clips_per_s"),
+        "stream_mb_per_s": median("stream", "mb_per_s"),
+        "stream_cpus_used": median("stream", "cpus_used"),
+        "stream_mb_per_s_per_cpu": median("stream", "mb_per_s_per_cpu"),
+        "stream_clips_per_s_per_cpu": round(
+            median("stream", "clips_per_s") / median("stream", "cpus_used"), 1
+        ),
+        "runs": runs,
+    }
+    result["stream_per_cpu_vs_plain"] = round(
+        result["stream_mb_per_s_per_cpu"] / result["plain_mb_per_s"], 3
+    )
+    result["goal_met"] = {
+        "mb_per_s_per_cpu_ge_1000": result["stream_mb_per_s_per_cpu"] >= 1000,
+        "share_of_plain_ge_0.25": result["stream_per_cpu_vs_plain"] >= 0.25,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "runs")},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
