@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,21 @@ def test_a_stale_cache_is_refused(cached: tuple[DataConfig, ModelConfig], tmp_pa
     empty = data_cfg.model_copy(update={"feature_cache": str(tmp_path / "none")})
     with pytest.raises(StaleCacheError, match="no feature cache"):
         build_datasets(empty, model_cfg)
+
+
+def test_a_truncated_cache_file_is_reported(
+    cached: tuple[DataConfig, ModelConfig], tmp_path: Path
+) -> None:
+    """A cut-short .npy (a copy that stopped, a full disk) flags its clips; others still read."""
+    data_cfg, model_cfg = cached
+    copy = tmp_path / "features"
+    shutil.copytree(data_cfg.feature_cache, copy)
+    victim = sorted(copy.glob("video_*.npy"))[0]
+    victim.write_bytes(victim.read_bytes()[:-1000])
+    cut = data_cfg.model_copy(update={"feature_cache": str(copy)})
+    datasets = build_datasets(cut, model_cfg)
+    rows = datasets["train"].take_all() + datasets["val"].take_all()
+    bad = [r for r in rows if not r["ok"]]
+    assert bad and len(bad) < len(rows)
+    assert all("truncated" in r["error"] and victim.name in r["error"] for r in bad)
+    assert all(not r["taps_pool4"].any() for r in bad)  # zeros, flagged, never stale memory
