@@ -9,7 +9,10 @@ Training order: `random_shuffle` of the clip table with a `RandomSeedConfig`. Wi
 `epoch_seed=None` the seed is `data_cfg.seed` and Ray reseeds on every execution, so each
 epoch (each pass over the dataset) visits the clips in a new order that is reproducible
 run to run. With an `epoch_seed` the order is fixed to that seed. Evaluation takes every
-clip of every test video in (video_id, clip_start) order.
+clip of every test video in (video_id, clip_start) order. Both keep that order when iterated
+directly (`preserve_order`: whichever decode task finishes first waits its turn). Under Ray
+Train the ingest options replace it and each worker gets its clips as they are ready;
+evaluation sorts the gathered predictions by video, so its metrics do not depend on it.
 """
 
 from __future__ import annotations
@@ -134,5 +137,6 @@ def build_datasets(
     )
     train = _clip_rows(data_cfg, model_cfg, shuffled, train_stride, cache_taps)
     val = _clip_rows(data_cfg, model_cfg, ray.data.from_arrow(val_clips), eval_stride, cache_taps)
-    val.context.execution_options.preserve_order = True
+    for ds in (train, val):
+        ds.context.execution_options.preserve_order = True
     return {"train": train, "val": val}
