@@ -93,6 +93,7 @@ def _clip_rows(
                 "cache_dir": data_cfg.feature_cache,
                 "cache_taps": cache_taps,
                 "taps": list(model_cfg.taps),
+                "map_size": model_cfg.map_size,
                 "clip_len": model_cfg.clip_len,
                 "stride": stride,
                 "frame_interval": data_cfg.frame_interval,

@@ -302,6 +302,7 @@ def read_cached_batch(
     cache_dir: str,
     cache_taps: list[str],
     taps: list[str],
+    map_size: int,
     clip_len: int,
     stride: int,
     frame_interval: int,
@@ -315,8 +316,7 @@ def read_cached_batch(
     """
     size = len(batch["video_id"])
     columns = [cache_taps.index(tap) for tap in taps]
-    key = json.loads((Path(cache_dir) / KEY_FILE).read_text())
-    shape = (size, clip_len, TAP_CHANNELS, key["map_size"], key["map_size"])
+    shape = (size, clip_len, TAP_CHANNELS, map_size, map_size)
     out = {f"taps_{tap}": np.empty(shape, dtype=np.float16) for tap in taps}
     ok = np.ones(size, dtype=bool)
     errors = np.full(size, "", dtype=object)

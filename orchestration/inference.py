@@ -18,7 +18,7 @@ from orchestration import tracking
 from orchestration.config import JlstmConfig
 from orchestration.plots import plot_attention_overlay
 from orchestration.train_loop import EVAL_DIR, eval_loop_per_worker
-from orchestration.trainer import SplitEvalDataConfig, init_ray, plan_run
+from orchestration.trainer import SplitEvalDataConfig, init_ray, plan_run, run_storage
 
 
 def evaluate_model(model_uri: str, cfg: JlstmConfig, out_dir: str | Path) -> dict[str, float]:
@@ -53,7 +53,6 @@ def evaluate_distributed(
     """
     plan = plan_run(cfg)
     val = build_datasets(cfg.data, model_cfg)["val"]
-    storage = cfg.cluster.storage_path
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={
@@ -69,7 +68,7 @@ def evaluate_distributed(
         ),
         run_config=ray.train.RunConfig(
             name=f"eval-{uuid.uuid4().hex[:12]}",
-            storage_path=storage if "://" in storage else str(Path(storage).resolve()),
+            storage_path=run_storage(cfg),
         ),
         datasets={"val": val},
         dataset_config=SplitEvalDataConfig(),

@@ -227,7 +227,7 @@ def predict_clips(
 def gather_predictions(
     preds: ClipPredictions, errors: list[str]
 ) -> tuple[ClipPredictions, list[str]] | None:
-    """Rank 0: every worker's clip predictions and errors, in one (video, clip) order.
+    """Rank 0: every worker's clip predictions and errors, ordered by video.
 
     Other ranks return None. Sorting makes the video averages independent of which worker
     scored which clip, so 1 and N workers report the same metrics.

@@ -176,6 +176,12 @@ def prepare_data(cfg: JlstmConfig) -> PreparedData:
     return PreparedData(manifest, names, model_cfg, build_datasets(cfg.data, model_cfg))
 
 
+def run_storage(cfg: JlstmConfig) -> str:
+    """`cluster.storage_path` as Ray Train takes it: a URI as is, a local path absolute."""
+    storage = cfg.cluster.storage_path
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
 class SplitEvalDataConfig(ray.train.DataConfig):
     """`train` split into equal shards (DDP steps in lockstep); `val` into unequal ones.
 
@@ -215,7 +221,6 @@ def build_trainer(
 
     With `mlflow_run_id`, the training nodes log MLflow system metrics to that run.
     """
-    storage = cfg.cluster.storage_path
     system_metrics = None
     if mlflow_run_id and cfg.tracking.system_metrics_interval_s:
         system_metrics = {
@@ -239,7 +244,7 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=cfg.resolved_run_name(),
-            storage_path=storage if "://" in storage else str(Path(storage).resolve()),
+            storage_path=run_storage(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.cluster.checkpoints_to_keep
