@@ -31,15 +31,13 @@ from typing import Any
 import psutil
 import ray
 import torch
-from common import load_average, machine_info
+from machine import load_average, machine_info
 
-from data_shards import (
-    DataConfig,
-    build_datasets,
-    build_feature_cache,
-    index_videos,
-    synthesize_dataset,
-)
+from data_shards.config import DataConfig
+from data_shards.datasets import build_datasets
+from data_shards.features import build_feature_cache
+from data_shards.index import index_videos
+from data_shards.synth import synthesize_dataset
 from model import ModelConfig
 from orchestration.trainer import RAY_NODE_ENV
 

@@ -22,15 +22,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from data_shards import (
-    DataConfig,
-    build_datasets,
-    build_feature_cache,
-    clip_table,
-    index_videos,
-    load_manifest,
-)
+from data_shards.clips import clip_table
+from data_shards.config import DataConfig
+from data_shards.datasets import build_datasets, load_manifest
 from data_shards.decode import open_reader, read_clip
+from data_shards.features import build_feature_cache
+from data_shards.index import index_videos
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig
 from orchestration.trainer import RAY_NODE_ENV

@@ -25,15 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from common import load_average, machine_info
+from machine import load_average, machine_info
 
-from data_shards import (
-    build_feature_cache,
-    class_names,
-    data_size,
-    ensure_index,
-    synthesize_dataset,
-)
+from data_shards.features import build_feature_cache
+from data_shards.index import ensure_index
+from data_shards.sizing import data_size
+from data_shards.splits import class_names
+from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
 from orchestration.config import JlstmConfig, load_config
 from orchestration.demo import DEMO_CLASSES, DEMO_CONFIG, DEMO_VIDEOS_PER_CLASS

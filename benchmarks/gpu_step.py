@@ -1,6 +1,6 @@
 """One training step of the paper's config on one device: time, clips/s, TFLOP/s, MFU, data wait.
 
-Two input modes, each stepped by `orchestration.train_loop.train_step` (bf16 autocast on
+Two input modes, each stepped by `orchestration.step.train_step` (bf16 autocast on
 CUDA) with the optimizer of `build_optimizer`:
 
   cached_taps      frozen VGG16; the input is the feature cache's fp16 taps (taps_<name>)
@@ -40,21 +40,19 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import ray
 import torch
-from common import load_average, machine_info
+from machine import load_average, machine_info
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_shards import build_datasets, build_feature_cache, ensure_index, synthesize_dataset
-from data_shards.clips import clip_starts
-from data_shards.datasets import load_manifest, subset_clips
 from model import JointAttentionNet, ModelConfig
 from orchestration.config import JlstmConfig, load_config
-from orchestration.train_loop import Batch, build_optimizer, to_batch, train_step
-from orchestration.trainer import RAY_NODE_ENV
+from orchestration.step import Batch, build_optimizer, to_batch, train_step
+
+if TYPE_CHECKING:
+    import ray.data
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_CONFIG = REPO / "configs" / "ucf101_late_fusion.yaml"
@@ -259,6 +257,12 @@ def prepare_pipeline(
     args: argparse.Namespace,
 ) -> tuple[dict[str, ray.data.Dataset], dict[str, Any]]:
     """Synthesize and index a dataset big enough for the steps, build the feature cache."""
+    from data_shards.clips import clip_starts
+    from data_shards.datasets import build_datasets, load_manifest, subset_clips
+    from data_shards.features import build_feature_cache
+    from data_shards.index import ensure_index
+    from data_shards.synth import synthesize_dataset
+
     model_cfg = model_cfgs["cached_taps"]
     clip_len = model_cfg.clip_len
     data_cfg = cfg.data.model_copy(update={"train_stride": max(1, clip_len // 2)})
@@ -348,6 +352,10 @@ def main() -> None:
     datasets: dict[str, ray.data.Dataset] = {}
     setup = None
     results = {}
+    if args.pipeline:  # Ray, decord and PyAV only here: --no-pipeline needs torch alone
+        import ray
+
+        from orchestration.trainer import RAY_NODE_ENV
     try:
         if args.pipeline:
             # Before any CUDA work here: the cache's VGG16 actor gets the GPU to itself.
@@ -360,7 +368,7 @@ def main() -> None:
         for mode in modes:
             results[mode] = measure(mode, model_cfgs[mode], cfg, datasets.get(mode), device, args)
     finally:
-        if ray.is_initialized():
+        if args.pipeline and ray.is_initialized():
             ray.shutdown()
         if tmp is not None:
             tmp.cleanup()

@@ -46,21 +46,19 @@ import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
-from common import EpochClock, load_average, machine_info
+from epoch_clock import EpochClock
+from machine import load_average, machine_info
 
-from data_shards import (
-    build_feature_cache,
-    ensure_index,
-    load_manifest,
-    synthesize_dataset,
-)
-from data_shards.datasets import subset_clips
+from data_shards.datasets import load_manifest, subset_clips
+from data_shards.features import build_feature_cache
+from data_shards.index import ensure_index
+from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
 from orchestration.config import JlstmConfig, load_config
 from orchestration.evaluate import evaluate
+from orchestration.step import build_optimizer
 from orchestration.train_loop import (
     EVAL_DIR,
-    build_optimizer,
     predict_clips,
     save_state,
     train_epoch,

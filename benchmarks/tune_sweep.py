@@ -18,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-from data_shards import synthesize_dataset
+from data_shards.synth import synthesize_dataset
 from orchestration.demo import DEMO_CLASSES, DEMO_VIDEOS_PER_CLASS
 from orchestration.trainer import init_ray
 from tune_spaces.spaces import load_sweep

@@ -27,9 +27,13 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 import pyarrow.compute as pc
 import ray
 import ray.train
-from common import EpochClock, load_average, machine_info
+from epoch_clock import EpochClock
+from machine import load_average, machine_info
 
-from data_shards import build_feature_cache, ensure_index, load_manifest, synthesize_dataset
+from data_shards.datasets import load_manifest
+from data_shards.features import build_feature_cache
+from data_shards.index import ensure_index
+from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
 from orchestration.config import JlstmConfig, load_config
 from orchestration.trainer import build_trainer, init_ray, plan_run, prepare_data

@@ -7,6 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Column of a batch that holds one cached tap: taps_<tap name>, float16 [B, T, 512, K, K].
+TAP_PREFIX = "taps_"
+
 
 class DataConfig(BaseModel):
     """Validated data settings; a bad value is refused naming the key, the value and the range.

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import ray
 
 from data_shards.clips import frame_indices, needed_frames
-from data_shards.config import DataConfig
+from data_shards.config import TAP_PREFIX, DataConfig
 from data_shards.datasets import load_manifest
 from data_shards.decode import open_reader
 
@@ -317,7 +317,7 @@ def read_cached_batch(
     size = len(batch["video_id"])
     columns = [cache_taps.index(tap) for tap in taps]
     shape = (size, clip_len, TAP_CHANNELS, map_size, map_size)
-    out = {f"taps_{tap}": np.empty(shape, dtype=np.float16) for tap in taps}
+    out = {f"{TAP_PREFIX}{tap}": np.empty(shape, dtype=np.float16) for tap in taps}
     ok = np.ones(size, dtype=bool)
     errors = np.full(size, "", dtype=object)
     for video_id in np.unique(batch["video_id"]):
@@ -346,7 +346,7 @@ def read_cached_batch(
                         else [(int(p), i, i + 1) for i, p in enumerate(positions)])
                 for tap, column in zip(taps, columns, strict=True):
                     for row, lo, hi in runs:
-                        file.read_rows(column, row, out[f"taps_{tap}"][r, lo:hi])
+                        file.read_rows(column, row, out[f"{TAP_PREFIX}{tap}"][r, lo:hi])
         except Exception as e:  # missing file (video failed at build time), unreadable file
             ok[rows] = False
             errors[rows] = f"video {video_id}: no cached taps: {type(e).__name__}: {e}"
@@ -354,7 +354,7 @@ def read_cached_batch(
             if file is not None:
                 file.close()
     for tap in taps:
-        out[f"taps_{tap}"][~ok] = 0  # failed rows carry zeros, never stale memory
+        out[f"{TAP_PREFIX}{tap}"][~ok] = 0  # failed rows carry zeros, never stale memory
     return {
         **out,
         "label": batch["label"].astype(np.int64),

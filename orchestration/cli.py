@@ -64,7 +64,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
-    from data_shards import build_feature_cache, class_names, ensure_index
+    from data_shards.features import build_feature_cache
+    from data_shards.index import ensure_index
+    from data_shards.splits import class_names
     from orchestration.resources import feature_pool, live_nodes
     from orchestration.trainer import init_ray
 
@@ -84,7 +86,8 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
 def plan_report(cfg: JlstmConfig, nodes: list[NodeShape]) -> dict[str, Any]:
     """`jlstm plan --json`: the resource plan on `nodes` and the size of an epoch."""
-    from data_shards import class_names, data_size
+    from data_shards.sizing import data_size
+    from data_shards.splits import class_names
 
     manifest = cfg.data.manifest_path()
     num_classes = len(class_names(manifest)) if manifest.is_file() else 2

@@ -9,7 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from data_shards import build_feature_cache, class_names, ensure_index, synthesize_dataset
+from data_shards.features import build_feature_cache
+from data_shards.index import ensure_index
+from data_shards.splits import class_names
+from data_shards.synth import synthesize_dataset
 from orchestration.config import load_config
 from orchestration.resources import feature_pool, live_nodes
 from orchestration.trainer import init_ray, print_results, train_splits

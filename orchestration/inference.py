@@ -12,7 +12,11 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from data_shards import build_datasets, class_names, clip_starts, decode_clip, ensure_index
+from data_shards.clips import clip_starts
+from data_shards.datasets import build_datasets
+from data_shards.decode import decode_clip
+from data_shards.index import ensure_index
+from data_shards.splits import class_names
 from model import ModelConfig, clip_scores, normalize_frames
 from orchestration import tracking
 from orchestration.config import JlstmConfig

@@ -8,12 +8,10 @@ checkpoint.
 
 from __future__ import annotations
 
-import math
 import random
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,78 +22,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model import JointAttentionNet, ModelConfig, ModelOutput, clip_scores, normalize_frames
-from orchestration.config import JlstmConfig, TrainConfig
+from model import JointAttentionNet, ModelConfig, clip_scores
+from orchestration.config import JlstmConfig
 from orchestration.evaluate import ClipPredictions, EvalReport, evaluate
+from orchestration.step import autocast, build_optimizer, to_batch, train_step
 
 CHECKPOINT_FILE = "state.pt"
 EVAL_DIR = "eval"  # the epoch's evaluation report (metrics, per-class CSV, confusion matrix)
-TAP_PREFIX = "taps_"
 LOSS_TERMS = ("total", "lstm", "supervision", "attention_reg")
 VAL_SECONDS = "val_seconds"
-
-
-@dataclass
-class Batch:
-    """One batch on the worker's device: network input, labels, and which rows decoded."""
-
-    inputs: torch.Tensor | dict[str, torch.Tensor]
-    labels: torch.Tensor
-    video_ids: np.ndarray
-    ok: np.ndarray
-    errors: list[str] = field(default_factory=list)
-
-    def select(self, keep: np.ndarray) -> Batch:
-        """The rows where `keep` is true."""
-        mask = torch.as_tensor(keep, device=self.labels.device)
-        inputs = (
-            {k: v[mask] for k, v in self.inputs.items()}
-            if isinstance(self.inputs, dict)
-            else self.inputs[mask]
-        )
-        return Batch(inputs, self.labels[mask], self.video_ids[keep], self.ok[keep])
-
-
-def to_batch(rows: dict[str, np.ndarray], device: torch.device) -> Batch:
-    """Turn a numpy batch of clip rows (decoded frames or cached taps) into model input."""
-    ok = np.asarray(rows.get("ok", np.ones(len(rows["label"]), dtype=bool)), dtype=bool)
-    errors = [str(e) for e, good in zip(rows.get("error", []), ok, strict=False) if not good]
-    labels = torch.as_tensor(np.asarray(rows["label"]), dtype=torch.long, device=device)
-    tap_columns = [k for k in rows if k.startswith(TAP_PREFIX)]
-    if tap_columns:
-        inputs: torch.Tensor | dict[str, torch.Tensor] = {
-            k.removeprefix(TAP_PREFIX): torch.as_tensor(np.asarray(rows[k]), device=device)
-            for k in tap_columns
-        }
-    else:
-        frames = torch.as_tensor(np.asarray(rows["frames"]), device=device)
-        inputs = normalize_frames(frames)
-    return Batch(inputs, labels, np.asarray(rows["video_id"]), ok, errors)
-
-
-def build_optimizer(
-    net: JointAttentionNet, cfg: TrainConfig
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Optimizer with weight decay zeta on every trained weight, and an epoch-wise LR schedule."""
-    groups = net.parameter_groups(cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum
-        )
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-
-    def factor(epoch: int) -> float:
-        if epoch < cfg.warmup_epochs:
-            return (epoch + 1) / (cfg.warmup_epochs + 1)
-        if cfg.lr_schedule == "cosine":
-            progress = (epoch - cfg.warmup_epochs) / max(1, cfg.epochs - cfg.warmup_epochs)
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.lr_schedule == "step":
-            return 0.1 ** (epoch // cfg.step_size)
-        return 1.0
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def save_state(path: Path, **state: Any) -> None:
@@ -127,31 +62,6 @@ def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str
 
 def _batches(shard: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False)
-
-
-def train_step(
-    net: nn.Module,
-    core: JointAttentionNet,
-    batch: Batch,
-    optimizer: torch.optim.Optimizer,
-    grad_clip: float | None,
-    weight: float = 1.0,
-) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
-    """One optimizer step on `batch` (bf16 autocast on GPU); returns the output and losses.
-
-    `net` is the DDP-wrapped `core` (or `core` itself on one worker).
-    """
-    device = batch.labels.device
-    # forward() takes frames or a dict of cached taps, so DDP's hooks see both paths.
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = net(batch.inputs)
-        losses = core.losses(out, batch.labels)
-    optimizer.zero_grad(set_to_none=True)
-    (losses["total"] * weight).backward()
-    if grad_clip:
-        nn.utils.clip_grad_norm_(core.parameters(), grad_clip)
-    optimizer.step()
-    return out, losses
 
 
 def train_epoch(
@@ -208,7 +118,7 @@ def predict_clips(
         if not batch.ok.any():
             continue
         batch = batch.select(batch.ok)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             out = core(batch.inputs)
         logits = out.step_logits.float()
         parts.append(

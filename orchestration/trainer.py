@@ -23,14 +23,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
-from data_shards import (
-    DataConfig,
-    build_datasets,
-    class_names,
-    decode_clip,
-    ensure_index,
-    quarantine_table,
-)
+from data_shards.config import DataConfig
+from data_shards.datasets import build_datasets, quarantine_table
+from data_shards.decode import decode_clip
+from data_shards.index import ensure_index
+from data_shards.splits import class_names
 from model import JointAttentionNet, ModelConfig, normalize_frames
 from orchestration import tracking
 from orchestration.config import JlstmConfig, config_to_yaml

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from data_shards import clip_starts, clip_table, frame_indices, needed_frames
+from data_shards.clips import clip_starts, clip_table, frame_indices, needed_frames
 
 
 def test_clip_grid() -> None:

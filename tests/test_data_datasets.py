@@ -9,7 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_shards import DataConfig, build_datasets, clip_table, index_videos
+from data_shards.clips import clip_table
+from data_shards.config import DataConfig
+from data_shards.datasets import build_datasets
+from data_shards.index import index_videos
 from data_shards.synth import synthesize_dataset, write_broken_videos
 from model import ModelConfig
 

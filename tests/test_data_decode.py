@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_shards import decode_batch, decode_clip
+from data_shards.decode import decode_batch, decode_clip
 from data_shards.synth import read_frame_index, write_index_video
 
 

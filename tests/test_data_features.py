@@ -9,15 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_shards import (
-    DataConfig,
-    StaleCacheError,
-    build_datasets,
-    build_feature_cache,
-    decode_clip,
-    index_videos,
-    load_manifest,
-)
+from data_shards.config import DataConfig
+from data_shards.datasets import build_datasets, load_manifest
+from data_shards.decode import decode_clip
+from data_shards.features import StaleCacheError, build_feature_cache
+from data_shards.index import index_videos
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig, VGG16Taps, normalize_frames
 

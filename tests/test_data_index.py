@@ -8,7 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from data_shards import BadDataError, DataConfig, build_datasets, class_names, index_videos
+from data_shards.config import DataConfig
+from data_shards.datasets import BadDataError, build_datasets
+from data_shards.index import index_videos
+from data_shards.splits import class_names
 from data_shards.synth import write_broken_videos, write_index_video
 
 GOOD_FRAMES = {"good0.avi": 30, "good1.avi": 41, "good2.avi": 7}

@@ -7,8 +7,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from data_shards import DataConfig, parse_folder_csv, parse_hmdb51_splits, parse_ucf101_splits
-from data_shards.splits import ucf101_class_names
+from data_shards.config import DataConfig
+from data_shards.splits import (
+    parse_folder_csv,
+    parse_hmdb51_splits,
+    parse_ucf101_splits,
+    ucf101_class_names,
+)
 
 UCF_LISTS = Path(__file__).parent / "fixtures" / "ucfTrainTestlist"
 

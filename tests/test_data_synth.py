@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from data_shards import parse_hmdb51_splits, parse_ucf101_splits
+from data_shards.splits import parse_hmdb51_splits, parse_ucf101_splits
 from data_shards.synth import synthesize_dataset
 
 REPO = Path(__file__).resolve().parents[1]

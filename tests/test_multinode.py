@@ -25,7 +25,7 @@ from ray.util.placement_group import (
 )
 from tiny_run import EPOCHS, tiny_config
 
-from data_shards import synthesize_dataset
+from data_shards.synth import synthesize_dataset
 from model import ModelConfig
 from orchestration import tracking
 from orchestration.config import ClusterConfig, JlstmConfig, validate_config

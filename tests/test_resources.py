@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_shards import DataConfig, clip_starts, data_size, needed_frames
+from data_shards.clips import clip_starts, needed_frames
+from data_shards.config import DataConfig
+from data_shards.sizing import data_size
 from orchestration.cli import main
 from orchestration.config import ClusterConfig, ConfigError, load_config
 from orchestration.resources import (

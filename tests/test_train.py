@@ -28,13 +28,11 @@ from mlflow.tracking import MlflowClient
 from mlflow_server import free_port, running_mlflow_server
 from tiny_run import EPOCHS, tiny_config
 
-from data_shards import (
-    build_feature_cache,
-    clip_starts,
-    decode_clip,
-    ensure_index,
-    synthesize_dataset,
-)
+from data_shards.clips import clip_starts
+from data_shards.decode import decode_clip
+from data_shards.features import build_feature_cache
+from data_shards.index import ensure_index
+from data_shards.synth import synthesize_dataset
 from orchestration import tracking
 from orchestration.config import JlstmConfig, validate_config
 from orchestration.train_loop import load_state

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from data_shards import StaleCacheError, build_feature_cache, check_cache, ensure_index
+from data_shards.features import StaleCacheError, build_feature_cache, check_cache
+from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
 from orchestration.cli import main
 from orchestration.config import ConfigError, load_config

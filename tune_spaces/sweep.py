@@ -28,7 +28,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from data_shards import StaleCacheError, build_feature_cache, check_cache, class_names, ensure_index
+from data_shards.features import StaleCacheError, build_feature_cache, check_cache
+from data_shards.index import ensure_index
+from data_shards.splits import class_names
 from model.backbone import TAP_LAST_INDEX
 from orchestration import tracking
 from orchestration.config import ConfigError, JlstmConfig, validate_config

@@ -1,16 +1,13 @@
-"""What the training benchmarks share: the machine facts and a per-report clock."""
+"""A per-report clock for the training benchmarks: when each epoch reached the controller."""
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from typing import Any
 
 import ray
 import ray.train
-import torch
 
 
 class EpochClock(ray.train.UserCallback):
@@ -28,17 +25,3 @@ class EpochClock(ray.train.UserCallback):
         row["t"] = time.time()
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
