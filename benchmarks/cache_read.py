@@ -5,14 +5,18 @@ taps pool4 + conv5_3 at K = 11 by default: 248 KB a frame) in a temp dir. Then, 
 cache files in the page cache (read once before timing), in the same run:
 
 - plain: every cache file read sequentially into one buffer (`readinto`), one process;
-- stream: `build_datasets(...)["train"]` (shuffled clips, as training reads them) iterated
-  with `iter_batches` by a consumer in this process, which turns each tap column into a
-  torch tensor, as a training worker does. The read stage gets `--cpus` Ray CPUs.
+- stream (what training does): `build_datasets(...)["train"]` (shuffled clip rows, as
+  training reads them) iterated by a consumer in this process with `iter_clip_batches`,
+  which reads each batch's taps (`clip_readers`) in a background thread, and turns each
+  tap column into a torch tensor, as a training worker does;
+- stage (the design it replaced, for comparison): the same read as a Ray Data
+  `map_batches` stage with `--cpus` Ray CPUs, its output batches passing through the
+  object store to the consumer.
 
 Figures: clips/s and MB/s of taps delivered; per CPU used, where CPU used is the CPU
 time (user + system) of this process and the local Ray cluster it started (Ray's tasks,
-raylet, object store, the consumer) over the stream's wall time; and the stream's MB/s
-per CPU as a share of the plain read's MB/s (one CPU).
+raylet, object store, the consumer) over the stream's wall time; and MB/s per CPU as a
+share of the plain read's MB/s (one CPU).
 
     python benchmarks/cache_read.py --out benchmarks/results/cache_read.json
 """
@@ -34,7 +38,7 @@ import torch
 from machine import load_average, machine_info
 
 from data_shards.config import DataConfig
-from data_shards.datasets import build_datasets
+from data_shards.datasets import ClipReader, build_datasets, clip_readers, iter_clip_batches
 from data_shards.features import build_feature_cache
 from data_shards.index import index_videos
 from data_shards.synth import synthesize_dataset
@@ -71,13 +75,16 @@ def plain_read(files: list[Path]) -> dict[str, float]:
     return {"bytes": total, "seconds": seconds, "mb_per_s": total / seconds / MB}
 
 
-def stream(dataset: ray.data.Dataset, batch: int, taps: list[str], epochs: int) -> dict:
+def stream(
+    dataset: ray.data.Dataset, read: ClipReader | None, batch: int, taps: list[str],
+    epochs: int,
+) -> dict:
     """Iterate the dataset as a training worker would, `epochs` times; each epoch timed
     from its first batch on (the executor's start-up is a fixed cost per epoch)."""
     clips = delivered = 0
     seconds = cpu = 0.0
     for _ in range(epochs):
-        batches = iter(dataset.iter_batches(batch_size=batch, batch_format="numpy"))
+        batches = iter_clip_batches(dataset, batch, read)
         next(batches)
         cpu_start, started = cpu_seconds(), time.perf_counter()
         for rows in batches:
@@ -103,7 +110,8 @@ def main() -> None:
     parser.add_argument("--clip-len", type=int, default=16)
     parser.add_argument("--map-size", type=int, default=11, help="K")
     parser.add_argument("--taps", default="pool4,conv5_3")
-    parser.add_argument("--cpus", type=float, default=1.0, help="Ray CPUs for the read stage")
+    parser.add_argument("--cpus", type=float, default=1.0,
+                        help="Ray CPUs of the comparison's map_batches read stage")
     parser.add_argument("--decode-batch-size", type=int, default=8, help="clips per read task")
     parser.add_argument(
         "--batch", type=int, default=8,
@@ -146,14 +154,20 @@ def main() -> None:
         runs: list[dict[str, Any]] = []
         for run in range(args.runs):
             plain = plain_read(files)
-            streamed = stream(
-                build_datasets(data_cfg, model_cfg)["train"], args.batch, taps, args.epochs
+            train = build_datasets(data_cfg, model_cfg)["train"]
+            read = clip_readers(data_cfg, model_cfg)["train"]
+            streamed = stream(train, read, args.batch, taps, args.epochs)
+            staged = stream(
+                train.map_batches(read, batch_size=args.batch, batch_format="numpy",
+                                  num_cpus=args.cpus),
+                None, args.batch, taps, args.epochs,
             )
-            runs.append({"plain": plain, "stream": streamed})
-            print(f"run {run}: plain {plain['mb_per_s']:.0f} MB/s; stream "
-                  f"{streamed['mb_per_s']:.0f} MB/s on {streamed['cpus_used']:.2f} CPUs "
-                  f"({streamed['mb_per_s_per_cpu']:.0f} MB/s per CPU, "
-                  f"{streamed['clips_per_s']:.0f} clips/s)", flush=True)
+            runs.append({"plain": plain, "stream": streamed, "stage": staged})
+            for name, got in (("stream", streamed), ("stage", staged)):
+                print(f"run {run}: plain {plain['mb_per_s']:.0f} MB/s; {name} "
+                      f"{got['mb_per_s']:.0f} MB/s on {got['cpus_used']:.2f} CPUs "
+                      f"({got['mb_per_s_per_cpu']:.0f} MB/s per CPU, "
+                      f"{got['clips_per_s']:.0f} clips/s)", flush=True)
     ray.shutdown()
 
     def median(part: str, key: str) -> float:
@@ -175,6 +189,9 @@ def main() -> None:
         "stream_clips_per_s_per_cpu": round(
             median("stream", "clips_per_s") / median("stream", "cpus_used"), 1
         ),
+        "stage_mb_per_s": median("stage", "mb_per_s"),
+        "stage_cpus_used": median("stage", "cpus_used"),
+        "stage_mb_per_s_per_cpu": median("stage", "mb_per_s_per_cpu"),
         "runs": runs,
     }
     result["stream_per_cpu_vs_plain"] = round(

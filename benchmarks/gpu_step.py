@@ -54,6 +54,10 @@ from orchestration.step import Batch, build_optimizer, to_batch, train_step
 if TYPE_CHECKING:
     import ray.data
 
+    from data_shards.datasets import ClipReader
+
+    Source = tuple[ray.data.Dataset, ClipReader | None]  # a dataset and its consumer's read
+
 REPO = Path(__file__).resolve().parent.parent
 PAPER_CONFIG = REPO / "configs" / "ucf101_late_fusion.yaml"
 REDUCED = {"frame_size": 96, "clip_len": 8, "last_steps": 4, "map_size": 6, "channels": 64,
@@ -186,15 +190,17 @@ def synthetic_run(
 
 
 def pipeline_run(
-    model_cfg: ModelConfig, cfg: JlstmConfig, dataset: ray.data.Dataset, batch_size: int,
+    model_cfg: ModelConfig, cfg: JlstmConfig, source: Source, batch_size: int,
     device: torch.device, args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """The same step on batches from Ray Data; the wait is the time blocked in next()."""
+    """The same step on batches from Ray Data (cached taps read by this consumer, as a
+    training worker reads them); the wait is the time blocked in next()."""
+    from data_shards.datasets import iter_clip_batches
+
     net, optimizer = build_net(model_cfg, cfg, device)
     warmup, steps = pipeline_steps(args)  # the first batch pays the pipeline's start-up
-    batches = iter(dataset.iter_batches(
-        batch_size=batch_size, batch_format="numpy", drop_last=True
-    ))
+    dataset, read = source
+    batches = iter_clip_batches(dataset, batch_size, read, drop_last=True)
     waits, totals, errors = [], [], []
     for _ in range(warmup + steps):
         start = time.perf_counter()
@@ -203,7 +209,7 @@ def pipeline_run(
             break
         got = time.perf_counter()
         batch = to_batch(rows, device)
-        errors += batch.errors
+        errors += [f.error for f in batch.failures]
         weight = 1.0 if batch.ok.any() else 0.0  # as train_epoch: failed clips are dropped
         batch = batch.select(batch.ok) if weight else batch
         train_step(net, net, batch, optimizer, cfg.train.grad_clip, weight)
@@ -222,7 +228,7 @@ def pipeline_run(
 
 
 def measure(
-    mode: str, model_cfg: ModelConfig, cfg: JlstmConfig, dataset: ray.data.Dataset | None,
+    mode: str, model_cfg: ModelConfig, cfg: JlstmConfig, source: Source | None,
     device: torch.device, args: argparse.Namespace,
 ) -> dict[str, Any]:
     """One mode: synthetic timing, then the pipeline; on CUDA OOM the batch is halved."""
@@ -244,8 +250,8 @@ def measure(
     if device.type == "cuda":
         out["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     free_memory(device)
-    if dataset is not None:
-        out["pipeline"] = pipeline_run(model_cfg, cfg, dataset, batch_size, device, args)
+    if source is not None:
+        out["pipeline"] = pipeline_run(model_cfg, cfg, source, batch_size, device, args)
         out["pipeline"]["load_average_after"] = load_average()
         free_memory(device)
     print(json.dumps({mode: out}), flush=True)
@@ -255,10 +261,10 @@ def measure(
 def prepare_pipeline(
     cfg: JlstmConfig, model_cfgs: dict[str, ModelConfig], modes: list[str],
     args: argparse.Namespace,
-) -> tuple[dict[str, ray.data.Dataset], dict[str, Any]]:
+) -> tuple[dict[str, Source], dict[str, Any]]:
     """Synthesize and index a dataset big enough for the steps, build the feature cache."""
     from data_shards.clips import clip_starts
-    from data_shards.datasets import build_datasets, load_manifest, subset_clips
+    from data_shards.datasets import build_datasets, clip_readers, load_manifest, subset_clips
     from data_shards.features import build_feature_cache
     from data_shards.index import ensure_index
     from data_shards.synth import synthesize_dataset
@@ -291,7 +297,11 @@ def prepare_pipeline(
         "cached_taps": data_cfg,
         "finetune_frames": data_cfg.model_copy(update={"use_feature_cache": False}),
     }
-    datasets = {m: build_datasets(data_cfgs[m], model_cfgs[m])["train"] for m in modes}
+    datasets = {
+        m: (build_datasets(data_cfgs[m], model_cfgs[m])["train"],
+            clip_readers(data_cfgs[m], model_cfgs[m])["train"])
+        for m in modes
+    }
     setup = {
         "videos": manifest.num_rows, "train_clips": train_clips, "frames_per_video": num_frames,
         "video_frame_size": model_cfg.frame_size * 3 // 4, "train_stride": data_cfg.train_stride,
@@ -349,7 +359,7 @@ def main() -> None:
         "finetune_frames": model_cfg.model_copy(update={"backbone": "finetune"}),
     }
     warnings.filterwarnings("ignore", message="VGG16Taps: no backbone_weights")
-    datasets: dict[str, ray.data.Dataset] = {}
+    datasets: dict[str, Source] = {}
     setup = None
     results = {}
     if args.pipeline:  # Ray, decord and PyAV only here: --no-pipeline needs torch alone

@@ -38,8 +38,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -49,18 +47,18 @@ import torch
 from epoch_clock import EpochClock
 from machine import load_average, machine_info
 
-from data_shards.datasets import load_manifest, subset_clips
+from data_shards.datasets import iter_clip_batches, load_manifest, subset_clips
 from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
+from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, load_config
 from orchestration.evaluate import evaluate
 from orchestration.step import build_optimizer
 from orchestration.train_loop import (
     EVAL_DIR,
     predict_clips,
-    save_state,
     train_epoch,
 )
 from orchestration.trainer import (
@@ -244,20 +242,25 @@ def _plain_epochs(
         batch = cfg.train.batch_size
         epochs: list[dict[str, float]] = []
         for epoch in range(cfg.train.epochs):
-            metrics = train_epoch(core, core, train, optimizer, cfg, device, batch)
+            train_batches = iter_clip_batches(train, batch, data.readers["train"])
+            metrics, _ = train_epoch(core, core, train_batches, optimizer, cfg, device)
             scheduler.step()
-            preds, _ = predict_clips(core, data.datasets["val"], device, batch)
+            val_batches = iter_clip_batches(data.datasets["val"], batch, data.readers["val"])
+            preds, _ = predict_clips(core, val_batches, device)
             report = evaluate(preds, data.class_names)
             metrics |= {f"val_{k}": float(v) for k, v in report.metrics.items()}
             with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-                save_state(
-                    Path(tmp),
+                TrainState(
                     model=core.state_dict(),
                     optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(),
                     epoch=epoch + 1,
+                    rng=[],
+                    best_metric=metrics["val_video_top1_vote"],
                     history=[metrics],
-                )
+                    model_config=data.model_cfg.model_dump(mode="json"),
+                    class_names=data.class_names,
+                ).save(Path(tmp))
                 report.write(Path(tmp) / EVAL_DIR)
             epochs.append({**metrics, "t": time.time()})
     finally:

@@ -16,13 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 import pyarrow.compute as pc
 import ray

@@ -7,8 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Column of a batch that holds one cached tap: taps_<tap name>, float16 [B, T, 512, K, K].
+# Column of a batch that holds one cached tap: taps_<tap name>, [B, T, 512, K, K] in the
+# cache's dtype; a uint8 cache adds tap_scale_<tap name>, float32 [B, 512] (value = q * scale).
 TAP_PREFIX = "taps_"
+TAP_SCALE_PREFIX = "tap_scale_"
 
 
 class DataConfig(BaseModel):
@@ -35,6 +37,11 @@ class DataConfig(BaseModel):
     seed: int = 0
     feature_cache: str | None = Field(None, description="directory of the VGG16 tap cache")
     use_feature_cache: bool = False
+    cache_dtype: Literal["float16", "uint8"] = Field(
+        "float16",
+        description="uint8 halves the cache: each video's taps quantized per channel to "
+        "[0, 255] x a float32 scale (taps follow a ReLU, so none is negative)",
+    )
 
     @model_validator(mode="after")
     def _cache_needs_dir(self) -> DataConfig:

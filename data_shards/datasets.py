@@ -1,9 +1,14 @@
 """Ray Data datasets of clips for Ray Train: {"train": ..., "val": ...}.
 
-Both start from a clip table (one small row per clip: video, start, label), cut into blocks
-of `decode_batch_size` clips, then a `map_batches` stage with its own CPU budget turns each
-clip row into frames (decord) or cached VGG16 taps. Only clip rows are ever shuffled; the
-frames stream through and are never materialized as a whole.
+Both start from a clip table (one small row per clip: video, start, label). Decoding: the
+table is cut into blocks of `decode_batch_size` clips and a `map_batches` stage with its
+own CPU budget turns each clip row into frames (decord), on whichever node has CPUs. Cached
+taps: the rows stay clip rows and the consumer reads their taps (`clip_readers`, applied by
+`iter_clip_batches` in a background thread), one copy from the page cache or the shared
+filesystem straight into the batch. A `map_batches` read stage measured 395 MB/s of taps
+per CPU, because every batch it makes is copied into the object store and out again; the
+same read in the consumer 2.6-2.9 GB/s (benchmarks/cache_read.py). Only clip rows are ever
+shuffled; frames and taps stream through and are never materialized as a whole.
 
 Training order: `random_shuffle` of the clip table with a `RandomSeedConfig`. With
 `epoch_seed=None` the seed is `data_cfg.seed` and Ray reseeds on every execution, so each
@@ -17,6 +22,14 @@ evaluation sorts the gathered predictions by video, so its metrics do not depend
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -56,6 +69,11 @@ def check_bad_fraction(data_cfg: DataConfig, manifest: pa.Table) -> None:
         )
 
 
+def subset_videos(manifest: pa.Table, subset: str) -> int:
+    """How many of the manifest's videos are in `subset` ("train" or "test")."""
+    return int(pc.sum(pc.equal(manifest["subset"], subset)).as_py() or 0)
+
+
 def subset_clips(
     manifest: pa.Table, subset: str, clip_len: int, stride: int, frame_interval: int
 ) -> pa.Table:
@@ -73,41 +91,23 @@ def _shuffle_seed(data_cfg: DataConfig, epoch_seed: int | None) -> RandomSeedCon
     )
 
 
-def _clip_rows(
-    data_cfg: DataConfig, model_cfg, clips: ray.data.Dataset, stride: int,
-    cache_taps: list[str] | None,
-) -> ray.data.Dataset:
-    """clip rows (on a grid of `stride`) -> rows with frames or taps (module docstring)."""
-    ds = clips.repartition(target_num_rows_per_block=data_cfg.decode_batch_size)
-    common = {
-        "batch_size": data_cfg.decode_batch_size,
-        "batch_format": "numpy",
-        "num_cpus": data_cfg.decode_cpus,
-    }
-    if cache_taps is not None:
-        from data_shards.features import read_cached_batch
+# What a consumer does to each batch of a dataset's rows before using it: read the cached
+# taps of clip rows (`read_cached_batch` with the cache's settings), or None (decoded rows).
+ClipReader = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
-        return ds.map_batches(
-            read_cached_batch,
-            fn_kwargs={
-                "cache_dir": data_cfg.feature_cache,
-                "cache_taps": cache_taps,
-                "taps": list(model_cfg.taps),
-                "map_size": model_cfg.map_size,
-                "clip_len": model_cfg.clip_len,
-                "stride": stride,
-                "frame_interval": data_cfg.frame_interval,
-            },
-            **common,
-        )
-    return ds.map_batches(
+
+def _decoded(data_cfg: DataConfig, model_cfg, clips: ray.data.Dataset) -> ray.data.Dataset:
+    """clip rows -> rows with decoded frames (module docstring)."""
+    return clips.repartition(target_num_rows_per_block=data_cfg.decode_batch_size).map_batches(
         decode_batch,
         fn_kwargs={
             "clip_len": model_cfg.clip_len,
             "frame_interval": data_cfg.frame_interval,
             "frame_size": model_cfg.frame_size,
         },
-        **common,
+        batch_size=data_cfg.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=data_cfg.decode_cpus,
     )
 
 
@@ -116,28 +116,85 @@ def build_datasets(
 ) -> dict[str, ray.data.Dataset]:
     """{"train", "val"} datasets of clip rows for `TorchTrainer(datasets=...)`.
 
-    Rows: label, video_id, clip_start (int64), ok (bool), error (str), and either frames
-    (uint8 [T, S, S, 3]) or, with use_feature_cache, taps_<name> (float16 [T, 512, K, K])
-    per tap of `model_cfg.taps`. Failed clips are rows with ok=False, never exceptions.
-    Raises BadDataError past max_bad_fraction, StaleCacheError for a cache that does not
-    match the configs.
+    Rows: label, video_id, clip_start (int64), num_frames; decoded (no feature cache): ok
+    (bool), error (str) and frames (uint8 [T, S, S, 3]). With use_feature_cache the taps
+    are read by the consumer: iterate with `iter_clip_batches(ds, n, clip_readers(...)[name])`
+    to get taps_<name> per tap of `model_cfg.taps`, ok and error. Failed clips are rows with
+    ok=False, never exceptions. Raises BadDataError past max_bad_fraction, StaleCacheError
+    for a cache that does not match the configs.
     """
     manifest = load_manifest(data_cfg)
     check_bad_fraction(data_cfg, manifest)
-    cache_taps = None
     if data_cfg.use_feature_cache:
         from data_shards.features import check_cache
 
-        cache_taps = check_cache(data_cfg, model_cfg, manifest)["taps"]
+        check_cache(data_cfg, model_cfg, manifest)
     clip_len, interval = model_cfg.clip_len, data_cfg.frame_interval
     train_stride, eval_stride = data_cfg.train_stride, data_cfg.eval_stride_for(clip_len)
     train_clips = subset_clips(manifest, "train", clip_len, train_stride, interval)
     val_clips = subset_clips(manifest, "test", clip_len, eval_stride, interval)
-    shuffled = ray.data.from_arrow(train_clips).random_shuffle(
+    train = ray.data.from_arrow(train_clips).random_shuffle(
         seed=_shuffle_seed(data_cfg, epoch_seed)
     )
-    train = _clip_rows(data_cfg, model_cfg, shuffled, train_stride, cache_taps)
-    val = _clip_rows(data_cfg, model_cfg, ray.data.from_arrow(val_clips), eval_stride, cache_taps)
+    val = ray.data.from_arrow(val_clips)
+    if not data_cfg.use_feature_cache:
+        train, val = _decoded(data_cfg, model_cfg, train), _decoded(data_cfg, model_cfg, val)
     for ds in (train, val):
         ds.context.execution_options.preserve_order = True
     return {"train": train, "val": val}
+
+
+def clip_readers(data_cfg: DataConfig, model_cfg) -> dict[str, ClipReader | None]:
+    """Per dataset of `build_datasets`, what its consumer applies to each batch: reading
+    the cached taps (with the cache's taps, dtype and the subset's clip grid), or None."""
+    if not data_cfg.use_feature_cache:
+        return {"train": None, "val": None}
+    from data_shards.features import cached_taps, read_cached_batch
+
+    common = {
+        "cache_dir": data_cfg.feature_cache,
+        "cache_taps": cached_taps(data_cfg),
+        "taps": list(model_cfg.taps),
+        "map_size": model_cfg.map_size,
+        "clip_len": model_cfg.clip_len,
+        "frame_interval": data_cfg.frame_interval,
+        "dtype": data_cfg.cache_dtype,
+    }
+    strides = {
+        "train": data_cfg.train_stride, "val": data_cfg.eval_stride_for(model_cfg.clip_len),
+    }
+    return {name: partial(read_cached_batch, stride=stride, **common)
+            for name, stride in strides.items()}
+
+
+def iter_clip_batches(
+    source: Any, batch_size: int, read: ClipReader | None, *, prefetch: int = 2,
+    drop_last: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches of `source` (a Dataset, or a Ray Train worker's shard of one), each
+    passed through `read` when there is one.
+
+    The reads run in one background thread up to `prefetch` batches ahead: `preadv`
+    releases the GIL, so they overlap the training step that consumes the batch before.
+    """
+    batches = source.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                  drop_last=drop_last)
+    if read is None:
+        yield from batches
+        return
+    stop = threading.Event()  # set when the consumer stops early: no read is wasted then
+    with ThreadPoolExecutor(1, thread_name_prefix="clip-reader") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for rows in batches:
+                pending.append(pool.submit(_read_unless, stop, read, rows))
+                if len(pending) > prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            stop.set()
+
+
+def _read_unless(stop: threading.Event, read: ClipReader, rows: dict) -> dict | None:
+    return None if stop.is_set() else read(rows)

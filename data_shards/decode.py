@@ -65,7 +65,9 @@ def decode_batch(
             )
         except Exception as e:  # decord raises DECORDError, RuntimeError, IndexError...
             ok[i] = False
-            errors[i] = f"{path}: {type(e).__name__}: {str(e).strip()[:300]}"
+            # One line: decord's messages span several, and errors end up in CSV rows and
+            # one-line reports.
+            errors[i] = f"{path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
     return {
         "frames": frames,
         "label": batch["label"].astype(np.int64),

@@ -3,16 +3,20 @@
 Layout of `<feature_cache>/`:
   cache_key.json           everything that changes the content (see `cache_key`)
   videos.parquet           one row per video: video_id, bytes, ok, error
-  video_<id>.npy           float16 [taps, F, 512, K, K]: the key's taps, in its order, x
-                           the video's needed frames (`needed_frames` of its subset's clip
-                           grid, ascending); a plain NumPy array file (`np.load` opens it).
+  video_<id>.npy           [taps, F, 512, K, K] of `data.cache_dtype`: the key's taps, in
+                           its order, x the video's needed frames (`needed_frames` of its
+                           subset's clip grid, ascending: only frames some clip uses); a
+                           plain NumPy array file (`np.load` opens it).
+  video_<id>.scale.npy     uint8 caches only: float32 [taps, 512], the per-channel scale
+                           (tap value = stored byte x scale).
 
 Building it is a Ray Data actor pool (one VGG16 per actor, a GPU each on a GPU
-cluster). Reading it is a `map_batches` function over the same clip tables as decoding:
-a clip of one tap is one contiguous byte range of the file (its frames are consecutive
-rows), read with one `preadv` straight into the batch, so a read costs one copy out of
-the page cache. The Parquet layout this replaces (row groups of 8 frames, filtered per
-batch) delivered about 3% of a plain read; benchmarks/cache_read.py measures this one.
+cluster). Reading it is `read_cached_batch`, applied by the consumer to batches of clip
+rows (`data_shards.datasets.iter_clip_batches`): a clip of one tap is one contiguous byte
+range of the file (its frames are consecutive rows), read with one `preadv` straight into
+the batch, so a read costs one copy out of the page cache. The Parquet layout this
+replaces (row groups of 8 frames, filtered per batch) delivered about 3% of a plain read;
+benchmarks/cache_read.py measures this one.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import pyarrow.parquet as pq
 import ray
 
 from data_shards.clips import frame_indices, needed_frames
-from data_shards.config import TAP_PREFIX, DataConfig
+from data_shards.config import TAP_PREFIX, TAP_SCALE_PREFIX, DataConfig
 from data_shards.datasets import load_manifest
 from data_shards.decode import open_reader
 
@@ -81,7 +85,7 @@ def cache_key(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> dict:
     """Everything that changes the cache's content; a cache is used only if this matches."""
     return {
         "format": CACHE_FORMAT,
-        "dtype": "float16",
+        "dtype": data_cfg.cache_dtype,
         "backbone_weights_digest": cache_backbone(model_cfg).weights_digest(),
         "frame_size": model_cfg.frame_size,
         "taps": list(model_cfg.taps),
@@ -122,9 +126,30 @@ def check_cache(data_cfg: DataConfig, model_cfg, manifest: pa.Table | None = Non
     return found
 
 
+def cached_taps(data_cfg: DataConfig) -> list[str]:
+    """The taps the cache at `data.feature_cache` holds, in its files' order (its key)."""
+    return list(json.loads((Path(str(data_cfg.feature_cache)) / KEY_FILE).read_text())["taps"])
+
+
 def cache_file(cache_dir: str | Path, video_id: int) -> Path:
     """The array file of one video."""
     return Path(cache_dir) / f"video_{video_id:07d}.npy"
+
+
+def scale_file(cache_dir: str | Path, video_id: int) -> Path:
+    """The per-channel scales of one video's uint8 taps."""
+    return Path(cache_dir) / f"video_{video_id:07d}.scale.npy"
+
+
+def quantize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float [taps, F, 512, K, K] >= 0 -> uint8 of the same shape and float32 [taps, 512]
+    scales, one per tap and channel over the video's frames: value ~ byte x scale, off by
+    at most scale / 2 (half a step of the channel's largest value / 255)."""
+    values = values.astype(np.float32)
+    peak = values.max(axis=(1, 3, 4))
+    scale = np.where(peak > 0, peak / 255, 1.0).astype(np.float32)
+    stored = np.rint(values / scale[:, None, :, None, None]).clip(0, 255).astype(np.uint8)
+    return stored, scale
 
 
 def _work_table(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> pa.Table:
@@ -145,10 +170,11 @@ def _work_table(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> pa.Table
 class _TapWriter:
     """Actor: decodes one video's needed frames, runs the backbone, writes the video's shard."""
 
-    def __init__(self, model_cfg, cache_dir: str, device: str) -> None:
+    def __init__(self, model_cfg, cache_dir: str, device: str, dtype: str) -> None:
         self.model_cfg = model_cfg
         self.cache_dir = cache_dir
         self.device = device
+        self.dtype = dtype
         self.backbone = cache_backbone(model_cfg).to(device)
 
     def _taps(self, frames: np.ndarray) -> dict[str, np.ndarray]:
@@ -172,11 +198,12 @@ class _TapWriter:
         taps = self._taps(reader.get_batch(wanted).asnumpy())
         # Uncompressed: fp16 activations barely compress, and reads then cost a copy only.
         values = np.stack([taps[tap] for tap in self.model_cfg.taps])
-        target = cache_file(self.cache_dir, video_id)
-        partial = target.with_suffix(".partial")
-        np.save(partial, values, allow_pickle=False)
-        partial.with_suffix(".partial.npy").rename(target)  # np.save appends .npy
-        return target.stat().st_size
+        size = 0
+        if self.dtype == "uint8":
+            values, scale = quantize(values)
+            size += _save(scale_file(self.cache_dir, video_id), scale)
+        # The array goes last: a video whose array file exists is complete.
+        return size + _save(cache_file(self.cache_dir, video_id), values)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Video rows in, one result row per video out (failures flagged, never raised)."""
@@ -192,6 +219,14 @@ class _TapWriter:
                 ok[i] = False
                 errors[i] = f"{type(e).__name__}: {str(e).strip()[:300]}"
         return {"video_id": ids, "bytes": sizes, "ok": ok, "error": errors}
+
+
+def _save(target: Path, values: np.ndarray) -> int:
+    """Write an array file under a temporary name, then rename it; returns its size."""
+    partial = target.with_name(target.name.removesuffix(".npy") + ".partial.npy")
+    np.save(partial, values, allow_pickle=False)
+    partial.rename(target)
+    return target.stat().st_size
 
 
 def _clear(cache_dir: Path) -> None:
@@ -251,6 +286,7 @@ def build_feature_cache(
                 "model_cfg": model_cfg,
                 "cache_dir": str(cache_dir),
                 "device": "cuda" if use_gpu else "cpu",
+                "dtype": data_cfg.cache_dtype,
             },
             batch_size=1,
             batch_format="numpy",
@@ -269,7 +305,7 @@ def build_feature_cache(
 class _ArrayFile:
     """A cache file's array header and an open descriptor for positional reads."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
         self.fd = os.open(path, os.O_RDONLY)
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -277,10 +313,10 @@ class _ArrayFile:
                            else np.lib.format.read_array_header_2_0)
             self.shape, _, self.dtype = read_header(f)
             self.offset = f.tell()
-        if self.dtype != np.float16:
-            raise ValueError(f"{path} holds {self.dtype}, not float16: rebuild the cache")
-        self.row_bytes = int(np.prod(self.shape[2:])) * 2
-        expected = self.offset + int(np.prod(self.shape)) * 2
+        if self.dtype != dtype:
+            raise ValueError(f"{path} holds {self.dtype}, not {dtype}: rebuild the cache")
+        self.row_bytes = int(np.prod(self.shape[2:])) * dtype.itemsize
+        expected = self.offset + int(np.prod(self.shape)) * dtype.itemsize
         size = os.fstat(self.fd).st_size
         if size != expected:
             raise ValueError(f"{path} is {size} bytes, its header says {expected}: truncated")
@@ -306,18 +342,24 @@ def read_cached_batch(
     clip_len: int,
     stride: int,
     frame_interval: int,
+    dtype: str = "float16",
 ) -> dict[str, np.ndarray]:
-    """Ray Data `map_batches` function: clip rows in, cached taps out; never raises.
+    """Clip rows in, cached taps out; never raises (a batch function, as `decode_batch`).
 
     `cache_taps` are the cache's taps (its key), `taps` the ones wanted (any subset);
     `stride` is the clip grid of the rows' subset, which decides the frames a video's
-    file holds. Out: taps_<name> float16 [B, T, 512, K, K] per tap, label, video_id,
-    clip_start, ok, error (as `decode_batch`).
+    file holds; `dtype` the cache's. Out: taps_<name> [B, T, 512, K, K] of `dtype` per
+    tap (a uint8 cache adds tap_scale_<name> float32 [B, 512]; the worker multiplies on
+    its device), label, video_id, clip_start, ok, error (as `decode_batch`).
     """
     size = len(batch["video_id"])
     columns = [cache_taps.index(tap) for tap in taps]
     shape = (size, clip_len, TAP_CHANNELS, map_size, map_size)
-    out = {f"{TAP_PREFIX}{tap}": np.empty(shape, dtype=np.float16) for tap in taps}
+    out = {f"{TAP_PREFIX}{tap}": np.empty(shape, dtype=dtype) for tap in taps}
+    quantized = dtype == "uint8"
+    if quantized:
+        out |= {f"{TAP_SCALE_PREFIX}{tap}": np.zeros((size, TAP_CHANNELS), np.float32)
+                for tap in taps}
     ok = np.ones(size, dtype=bool)
     errors = np.full(size, "", dtype=object)
     for video_id in np.unique(batch["video_id"]):
@@ -325,7 +367,11 @@ def read_cached_batch(
         num_frames = int(batch["num_frames"][rows[0]])
         file = None
         try:
-            file = _ArrayFile(cache_file(cache_dir, int(video_id)))
+            file = _ArrayFile(cache_file(cache_dir, int(video_id)), np.dtype(dtype))
+            if quantized:
+                scales = np.load(scale_file(cache_dir, int(video_id)))
+                for tap, column in zip(taps, columns, strict=True):
+                    out[f"{TAP_SCALE_PREFIX}{tap}"][rows] = scales[column]
             # The frames the file holds, ascending: row i of the file is frame held[i].
             held = np.asarray(needed_frames(num_frames, clip_len, stride, frame_interval))
             if file.shape[:2] != (len(cache_taps), len(held)):

@@ -21,7 +21,7 @@ from data_shards.index import list_entries
 # average at 25 fps (Soomro et al. 2012, "UCF101", section 3). HMDB51: every clip has at
 # least 101 frames (Kuehne et al. 2011), so this estimate is a lower bound.
 TYPICAL_FRAMES = {"ucf101": 180, "hmdb51": 101}
-CACHE_BYTES_PER_VALUE = 2  # the cache stores float16 taps
+CACHE_BYTES_PER_VALUE = {"float16": 2, "uint8": 1}  # data.cache_dtype
 FRAME_BYTES_PER_PIXEL = 3  # decoded clips are uint8 RGB
 
 
@@ -41,15 +41,17 @@ class DataSize:
         return asdict(self)
 
 
-def tap_bytes_per_frame(model_cfg) -> int:
-    """Bytes of one frame's cached taps: taps x 512 x K x K float16 values."""
-    return len(model_cfg.taps) * TAP_CHANNELS * model_cfg.map_size**2 * CACHE_BYTES_PER_VALUE
+def tap_bytes_per_frame(data_cfg: DataConfig, model_cfg) -> int:
+    """Bytes of one frame's cached taps: taps x 512 x K x K values of `data.cache_dtype`
+    (a uint8 cache's per-video scales, 2 KB a tap, are left out)."""
+    values = len(model_cfg.taps) * TAP_CHANNELS * model_cfg.map_size**2
+    return values * CACHE_BYTES_PER_VALUE[data_cfg.cache_dtype]
 
 
 def bytes_per_clip(data_cfg: DataConfig, model_cfg) -> int:
     """One clip's input as it reaches a training worker: cached taps or decoded frames."""
     if data_cfg.use_feature_cache:
-        return model_cfg.clip_len * tap_bytes_per_frame(model_cfg)
+        return model_cfg.clip_len * tap_bytes_per_frame(data_cfg, model_cfg)
     return model_cfg.clip_len * model_cfg.frame_size**2 * FRAME_BYTES_PER_PIXEL
 
 
@@ -90,6 +92,6 @@ def data_size(data_cfg: DataConfig, model_cfg) -> DataSize:
         test_videos=len(frames["test"]),
         train_clips=clips["train"],
         test_clips=clips["test"],
-        cache_bytes=cached_frames * tap_bytes_per_frame(model_cfg),
+        cache_bytes=cached_frames * tap_bytes_per_frame(data_cfg, model_cfg),
         bytes_per_clip=per_clip,
     )

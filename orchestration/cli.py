@@ -231,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from data_shards.datasets import BadDataError
+    from data_shards.features import StaleCacheError
     from orchestration.tracking import TrackingUnavailable
 
     try:
@@ -241,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrackingUnavailable as err:
         print(f"jlstm: {err}", file=sys.stderr)
         return 3
+    except (BadDataError, StaleCacheError) as err:
+        print(f"jlstm: data error: {err}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -116,27 +116,53 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(lines)
 
 
-def _parse_override(override: str) -> tuple[list[str], Any]:
-    key, sep, raw = override.partition("=")
+def parse_override(override: str) -> tuple[str, Any]:
+    """`a.b.c=value` -> ("a.b.c", value), the value parsed as YAML (numbers, booleans,
+    null and lists get their natural types)."""
+    key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {override!r}: expected key=value, e.g. train.lr=0.01")
-    # YAML parsing gives numbers, booleans, null and lists their natural types.
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "not a YAML value"
+        raise ConfigError(f"--set {override!r}: {problem}; quote strings, e.g. k='a: b'") from None
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """`raw["a"]["b"] = value` for key `a.b`, creating sections; refuses a non-section."""
+    *sections, leaf = key.split(".")
+    node = raw
+    for part in sections:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section of the config")
+        node = child
+    node[leaf] = value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `raw` with each `a.b.c=value` applied (value parsed as YAML)."""
     merged = yaml.safe_load(yaml.safe_dump(raw)) or {}
     for override in overrides:
-        path, value = _parse_override(override)
-        node = merged
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {override!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_dotted(merged, *parse_override(override))
     return merged
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping in YAML file `path`; ConfigError naming the file when it is missing, not
+    YAML, or not a mapping."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: fix the file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
 
 
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> JlstmConfig:
@@ -148,12 +174,7 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> JlstmConfi
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JlstmConfig:
     """Read a YAML config, apply `--set` overrides, validate; raise ConfigError naming the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = read_yaml_mapping(Path(path), "config file")
     return validate_config(apply_overrides(raw, overrides or []), source=str(path))
 
 

@@ -13,13 +13,14 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from data_shards.clips import clip_starts
-from data_shards.datasets import build_datasets
-from data_shards.decode import decode_clip
+from data_shards.datasets import build_datasets, clip_readers, load_manifest, subset_videos
+from data_shards.decode import decode_clip, open_reader
 from data_shards.index import ensure_index
 from data_shards.splits import class_names
-from model import ModelConfig, clip_scores, normalize_frames
+from model import ModelConfig, normalize_frames
 from orchestration import tracking
 from orchestration.config import JlstmConfig
+from orchestration.mlflow_model import PREDICT_BATCH, predict_proba
 from orchestration.plots import plot_attention_overlay
 from orchestration.train_loop import EVAL_DIR, eval_loop_per_worker
 from orchestration.trainer import SplitEvalDataConfig, init_ray, plan_run, run_storage
@@ -57,6 +58,7 @@ def evaluate_distributed(
     """
     plan = plan_run(cfg)
     val = build_datasets(cfg.data, model_cfg)["val"]
+    test_videos = subset_videos(load_manifest(cfg.data), "test")
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={
@@ -64,6 +66,8 @@ def evaluate_distributed(
             "class_names": names,
             "state_ref": ray.put({k: v.cpu() for k, v in state_dict.items()}),
             "batch_size": max(1, cfg.train.batch_size // cfg.cluster.num_workers),
+            "read": clip_readers(cfg.data, model_cfg)["val"],
+            "test_videos": test_videos,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers,
@@ -109,26 +113,27 @@ def predict_video(
     cfg = loaded.model_cfg
     if frame_interval is None:
         frame_interval = loaded.frame_interval
-    from decord import VideoReader
-
-    num_frames = len(VideoReader(str(video)))
+    num_frames = len(open_reader(str(video), cfg.frame_size))
     starts = clip_starts(num_frames, cfg.clip_len, cfg.clip_len, frame_interval)
-    clips = np.stack(
-        [
+    # Decoded and scored PREDICT_BATCH clips at a time: a long video never has all its
+    # clips in memory at once.
+    total = np.zeros(len(loaded.class_names), dtype=np.float64)
+    first_clip = None
+    for lo in range(0, len(starts), PREDICT_BATCH):
+        clips = np.stack([
             decode_clip(str(video), s, num_frames, cfg.clip_len, frame_interval, cfg.frame_size)
-            for s in starts
-        ]
-    )
-    with torch.no_grad():
-        out = loaded.net(normalize_frames(torch.as_tensor(clips)))
-    scores = clip_scores(out.step_logits, cfg.last_steps, cfg.prediction).mean(0)
-    top = torch.topk(scores, min(top_k, len(loaded.class_names)))
+            for s in starts[lo : lo + PREDICT_BATCH]
+        ])
+        first_clip = clips[0] if first_clip is None else first_clip
+        total += predict_proba(loaded, clips).sum(axis=0)
+    scores = total / len(starts)
+    top = np.argsort(-scores, kind="stable")[:top_k]
     if attention_png:
+        device = next(loaded.net.parameters()).device
+        with torch.no_grad():
+            out = loaded.net(normalize_frames(torch.as_tensor(first_clip[None]).to(device)))
         plot_attention_overlay(
-            clips[0], out.attention[0].numpy(), Path(attention_png),
-            title=f"{video.name}: {loaded.class_names[int(top.indices[0])]}",
+            first_clip, out.attention[0].cpu().numpy(), Path(attention_png),
+            title=f"{video.name}: {loaded.class_names[int(top[0])]}",
         )
-    return [
-        (loaded.class_names[int(i)], float(p))
-        for p, i in zip(top.values, top.indices, strict=True)
-    ]
+    return [(loaded.class_names[int(i)], float(scores[i])) for i in top]

@@ -14,9 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_shards.config import TAP_PREFIX
+from data_shards.config import TAP_PREFIX, TAP_SCALE_PREFIX
 from model import JointAttentionNet, ModelOutput, normalize_frames
 from orchestration.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class BadClip:
+    """A clip that could not be decoded or read: which one, and why."""
+
+    video_id: int
+    clip_start: int
+    error: str
 
 
 @dataclass
@@ -27,7 +36,7 @@ class Batch:
     labels: torch.Tensor
     video_ids: np.ndarray
     ok: np.ndarray
-    errors: list[str] = field(default_factory=list)
+    failures: list[BadClip] = field(default_factory=list)
 
     def select(self, keep: np.ndarray) -> Batch:
         """The rows where `keep` is true."""
@@ -43,18 +52,30 @@ class Batch:
 def to_batch(rows: dict[str, np.ndarray], device: torch.device) -> Batch:
     """Turn a numpy batch of clip rows (decoded frames or cached taps) into model input."""
     ok = np.asarray(rows.get("ok", np.ones(len(rows["label"]), dtype=bool)), dtype=bool)
-    errors = [str(e) for e, good in zip(rows.get("error", []), ok, strict=False) if not good]
+    failures = [
+        BadClip(int(rows["video_id"][i]), int(rows["clip_start"][i]), str(rows["error"][i]))
+        for i in np.flatnonzero(~ok)
+    ]
     labels = torch.as_tensor(np.asarray(rows["label"]), dtype=torch.long, device=device)
-    tap_columns = [k for k in rows if k.startswith(TAP_PREFIX)]
-    if tap_columns:
+    taps = [k.removeprefix(TAP_PREFIX) for k in rows if k.startswith(TAP_PREFIX)]
+    if taps:
         inputs: torch.Tensor | dict[str, torch.Tensor] = {
-            k.removeprefix(TAP_PREFIX): torch.as_tensor(np.asarray(rows[k]), device=device)
-            for k in tap_columns
+            tap: _tap_values(rows, tap, device) for tap in taps
         }
     else:
         frames = torch.as_tensor(np.asarray(rows["frames"]), device=device)
         inputs = normalize_frames(frames)
-    return Batch(inputs, labels, np.asarray(rows["video_id"]), ok, errors)
+    return Batch(inputs, labels, np.asarray(rows["video_id"]), ok, failures)
+
+
+def _tap_values(rows: dict[str, np.ndarray], tap: str, device: torch.device) -> torch.Tensor:
+    """float16 [B, T, 512, K, K] of one cached tap; a uint8 cache's bytes times their
+    per-channel scale, multiplied on `device` so only the bytes cross to it."""
+    values = torch.as_tensor(np.asarray(rows[TAP_PREFIX + tap]), device=device)
+    if TAP_SCALE_PREFIX + tap not in rows:
+        return values
+    scale = torch.as_tensor(np.asarray(rows[TAP_SCALE_PREFIX + tap]), device=device)
+    return (values.float() * scale[:, None, :, None, None]).half()
 
 
 def build_optimizer(

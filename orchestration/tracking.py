@@ -44,6 +44,7 @@ ARTIFACTS_DIR = "mlartifacts"
 CHAMPION_ALIAS = "champion"
 SPLIT_TAG = "split"
 SCORE_TAG = "video_top1"
+TEST_VIDEOS_TAG = "test_videos"  # how many test videos the score covers
 FRAME_INTERVAL_KEY = "frame_interval"  # in the MLmodel metadata
 # Packages the pyfunc needs at load time; pinned so the environment is reproducible, and
 # listed instead of inferred because inference loads the model in a subprocess (slow).
@@ -266,22 +267,27 @@ def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
 
 
 def promote_if_better(
-    registered_name: str, version: str | int, *, split: int, video_top1: float
+    registered_name: str, version: str | int, *, split: int, video_top1: float, test_videos: int
 ) -> bool:
-    """Tag a version with its split and video top-1; make it `champion` if it beats the
-    current one. Returns whether the alias moved.
+    """Tag a version with its split, video top-1 and the number of test videos scored; make
+    it `champion` if it beats the current one. Returns whether the alias moved.
 
     The alias moves when there is no champion yet, or when the champion was evaluated on the
-    same split with a strictly lower video top-1. A champion from another split (or without
-    tags) stays: accuracies on different test sets are not comparable.
+    same split with a strictly lower video top-1 over no more test videos than this version.
+    A champion from another split (or without tags) stays: accuracies on different test sets
+    are not comparable. A version scored on fewer test videos (some failed to decode) never
+    replaces one scored on more: its accuracy leaves the hard videos out.
     """
     client = MlflowClient()
     version = str(version)
     client.set_model_version_tag(registered_name, version, SPLIT_TAG, str(split))
     client.set_model_version_tag(registered_name, version, SCORE_TAG, repr(float(video_top1)))
+    client.set_model_version_tag(registered_name, version, TEST_VIDEOS_TAG, str(test_videos))
     champion = _champion(client, registered_name)
     if champion is not None:
         if champion.version == version or champion.tags.get(SPLIT_TAG) != str(split):
+            return False
+        if test_videos < int(champion.tags.get(TEST_VIDEOS_TAG, "0")):
             return False
         # A champion without a score tag compares as NaN, so it is kept.
         if not video_top1 > float(champion.tags.get(SCORE_TAG, "nan")):

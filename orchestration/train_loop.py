@@ -1,9 +1,15 @@
 """The per-worker training loop that Ray Train runs on every DDP worker.
 
-Read it top to bottom: build the net, restore the last checkpoint if there is one, then
-for each epoch train on this worker's shard, score this worker's shard of the test clips
-(rank 0 gathers them and computes the metrics), and report the epoch's metrics with a
-checkpoint.
+Read it top to bottom: `train_loop_per_worker` builds the net, restores the last checkpoint
+if there is one, then for each epoch trains on this worker's shard (`train_epoch`), scores
+this worker's shard of the test clips (`evaluate_shard`: rank 0 gathers them and computes
+the metrics), and reports the epoch's metrics with a checkpoint. The helpers follow in
+that order; one optimizer step is `orchestration.step.train_step`.
+
+Clips that fail to decode or read are counted on every worker, gathered to rank 0 and
+written beside the epoch's checkpoint (`BAD_CLIPS_FILE`, logged to MLflow). When more of an
+epoch's training clips failed than `data.max_bad_fraction`, the run reports that epoch and
+stops; the driver turns that into a `BadDataError`.
 """
 
 from __future__ import annotations
@@ -11,150 +17,38 @@ from __future__ import annotations
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_shards.datasets import ClipReader, iter_clip_batches
 from model import JointAttentionNet, ModelConfig, clip_scores
+from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig
 from orchestration.evaluate import ClipPredictions, EvalReport, evaluate
-from orchestration.step import autocast, build_optimizer, to_batch, train_step
+from orchestration.step import BadClip, autocast, build_optimizer, to_batch, train_step
 
-CHECKPOINT_FILE = "state.pt"
 EVAL_DIR = "eval"  # the epoch's evaluation report (metrics, per-class CSV, confusion matrix)
+BAD_CLIPS_FILE = "bad_clips.csv"  # subset, video_id, clip_start, error of every failed clip
 LOSS_TERMS = ("total", "lstm", "supervision", "attention_reg")
 VAL_SECONDS = "val_seconds"
-
-
-def save_state(path: Path, **state: Any) -> None:
-    torch.save(state, path / CHECKPOINT_FILE)
-
-
-def load_state(path: Path) -> dict[str, Any]:
-    """A checkpoint's state on the CPU (the optimizer moves its part to the params' device)."""
-    return torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-
-
-def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not dist.is_initialized():
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, tensor.tolist(), strict=True)}
-
-
-def _batches(shard: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False)
-
-
-def train_epoch(
-    net: nn.Module,
-    core: JointAttentionNet,
-    shard: Any,
-    optimizer: torch.optim.Optimizer,
-    cfg: JlstmConfig,
-    device: torch.device,
-    batch_size: int,
-) -> dict[str, float]:
-    """One pass over this worker's shard; returns loss terms, accuracy and throughput."""
-    net.train()
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
-    steps = clips = correct = bad = 0
-    started = time.perf_counter()
-    for rows in _batches(shard, batch_size):
-        batch = to_batch(rows, device)
-        bad += int((~batch.ok).sum())
-        # Every worker must step every batch (DDP's all-reduce), so a batch whose clips all
-        # failed to decode still runs, with its loss weighted to zero.
-        weight = 1.0 if batch.ok.any() else 0.0
-        if weight:
-            batch = batch.select(batch.ok)
-        out, losses = train_step(net, core, batch, optimizer, cfg.train.grad_clip, weight)
-        for term in LOSS_TERMS:
-            sums[term] += float(losses[term].detach())
-        steps += 1
-        if weight:
-            scores = clip_scores(out.step_logits.detach().float(), core.cfg.last_steps, "prob")
-            correct += int((scores.argmax(1) == batch.labels).sum())
-            clips += len(batch.labels)
-    elapsed = time.perf_counter() - started
-    local = {f"loss_{t}": sums[t] / max(steps, 1) for t in LOSS_TERMS}
-    local["train_clip_top1"] = correct / max(clips, 1)
-    metrics = _all_reduce_mean(local, device)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    metrics["train_clips_per_s"] = clips / max(elapsed, 1e-9) * world
-    metrics["bad_clips"] = float(bad * world)
-    return metrics
-
-
-@torch.no_grad()
-def predict_clips(
-    core: JointAttentionNet, batches: Any, device: torch.device, batch_size: int
-) -> tuple[ClipPredictions, list[str]]:
-    """Clip scores (vote and prob) for every decodable clip; errors of the ones that failed."""
-    core.eval()
-    parts: list[ClipPredictions] = []
-    errors: list[str] = []
-    for rows in _batches(batches, batch_size):
-        batch = to_batch(rows, device)
-        errors.extend(batch.errors)
-        if not batch.ok.any():
-            continue
-        batch = batch.select(batch.ok)
-        with autocast(device):
-            out = core(batch.inputs)
-        logits = out.step_logits.float()
-        parts.append(
-            ClipPredictions(
-                video_id=batch.video_ids,
-                label=batch.labels.cpu().numpy(),
-                scores_vote=clip_scores(logits, core.cfg.last_steps, "vote").cpu().numpy(),
-                scores_prob=clip_scores(logits, core.cfg.last_steps, "prob").cpu().numpy(),
-            )
-        )
-    if not parts:  # a worker whose shard of the test clips came out empty
-        parts.append(ClipPredictions.empty(core.cfg.num_classes))
-    return ClipPredictions.concat(parts), errors
-
-
-def gather_predictions(
-    preds: ClipPredictions, errors: list[str]
-) -> tuple[ClipPredictions, list[str]] | None:
-    """Rank 0: every worker's clip predictions and errors, ordered by video.
-
-    Other ranks return None. Sorting makes the video averages independent of which worker
-    scored which clip, so 1 and N workers report the same metrics.
-    """
-    if not dist.is_initialized():
-        gathered = [(preds, errors)]
-    else:
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object((preds, errors), gathered, dst=0)
-        if dist.get_rank() != 0:
-            return None
-    merged = ClipPredictions.concat([p for p, _ in gathered]).sorted()
-    return merged, [e for _, errs in gathered for e in errs]
+TRAIN_BAD_FRACTION = "train_bad_clip_fraction"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; `loop_config` holds the validated config and the class names."""
+    """Ray Train entry point; `loop_config` holds the validated config, the class names,
+    the number of test videos the split has and each dataset's clip reader (cached taps
+    are read here, in the worker: `data_shards.datasets.iter_clip_batches`)."""
     cfg = JlstmConfig.model_validate(loop_config["config"])
     class_names: list[str] = loop_config["class_names"]
     model_cfg = ModelConfig.model_validate(loop_config["model_config"])
@@ -171,40 +65,42 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            state = load_state(Path(ckpt_dir))
-        core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"][rank % len(state["rng"])])
-        start_epoch, best, history = state["epoch"], state["best_metric"], state["history"]
+            state = TrainState.load(Path(ckpt_dir))
+        core.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        _set_rng_state(state.rng[rank % len(state.rng)])
+        start_epoch, best, history = state.epoch, state.best_metric, state.history
     net = ray.train.torch.prepare_model(core)
     per_worker_batch = max(1, cfg.train.batch_size // world)
     monitor = _node_system_metrics(loop_config.get("system_metrics"), ctx)
 
+    readers = loop_config["readers"]
     for epoch in range(start_epoch, cfg.train.epochs):
-        metrics = train_epoch(
-            net, core, ray.train.get_dataset_shard("train"), optimizer, cfg, device,
-            per_worker_batch,
+        train_batches = iter_clip_batches(
+            ray.train.get_dataset_shard("train"), per_worker_batch, readers["train"]
+        )
+        metrics, train_failures = train_epoch(
+            net, core, train_batches, optimizer, cfg, device
         )
         scheduler.step()
         metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]}
-        rng_states = [None] * world
-        if dist.is_initialized():
-            dist.all_gather_object(rng_states, _rng_state())
-        else:
-            rng_states = [_rng_state()]
+        rng_states = _gather_all(_rng_state())
+        train_failures = _gather_to_rank0(train_failures)
+        # Every worker scores its own shard of the test clips; rank 0 gets them all.
+        evaluated = evaluate_shard(
+            core, device, per_worker_batch, readers["val"], class_names,
+            loop_config["test_videos"],
+        )
         with tempfile.TemporaryDirectory() as tmp:
             report_checkpoint = None
-            # Every worker scores its own shard of the test clips; rank 0 gets them all.
-            evaluated = evaluate_shard(core, device, per_worker_batch, class_names)
             if evaluated is not None:
-                val_metrics, report = evaluated
+                val_metrics, report, test_failures = evaluated
                 metrics |= val_metrics
                 best = max(best, metrics["val_video_top1_vote"])
                 metrics["best_val_video_top1_vote"] = best
                 history = [*history, metrics]
-                save_state(
-                    Path(tmp),
+                TrainState(
                     model=core.state_dict(),
                     optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(),
@@ -214,12 +110,197 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     history=history,
                     model_config=model_cfg.model_dump(mode="json"),
                     class_names=class_names,
-                )
+                ).save(Path(tmp))
                 report.write(Path(tmp) / EVAL_DIR)
+                write_bad_clips(Path(tmp), {"train": train_failures, "test": test_failures})
                 report_checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=report_checkpoint)
+        # The fraction is all-reduced, so every worker takes the same decision.
+        if metrics[TRAIN_BAD_FRACTION] > cfg.data.max_bad_fraction:
+            break
     if monitor is not None:
         monitor.finish()
+
+
+def train_epoch(
+    net: nn.Module,
+    core: JointAttentionNet,
+    batches: Iterable[dict[str, np.ndarray]],
+    optimizer: torch.optim.Optimizer,
+    cfg: JlstmConfig,
+    device: torch.device,
+) -> tuple[dict[str, float], list[BadClip]]:
+    """One pass over this worker's batches: loss terms, accuracy, throughput and bad-clip
+    counts of all workers, and this worker's failed clips."""
+    net.train()
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    steps = clips = correct = 0
+    failures: list[BadClip] = []
+    started = time.perf_counter()
+    for rows in batches:
+        batch = to_batch(rows, device)
+        failures += batch.failures
+        # Every worker must step every batch (DDP's all-reduce), so a batch whose clips all
+        # failed to decode still runs, with its loss weighted to zero.
+        weight = 1.0 if batch.ok.any() else 0.0
+        if weight:
+            batch = batch.select(batch.ok)
+        out, losses = train_step(net, core, batch, optimizer, cfg.train.grad_clip, weight)
+        for term in LOSS_TERMS:
+            sums[term] += float(losses[term].detach())
+        steps += 1
+        if weight:
+            scores = clip_scores(out.step_logits.detach().float(), core.cfg.last_steps, "prob")
+            correct += int((scores.argmax(1) == batch.labels).sum())
+            clips += len(batch.labels)
+    elapsed = time.perf_counter() - started
+    local = {f"loss_{t}": sums[t] / max(steps, 1) for t in LOSS_TERMS}
+    local["train_clip_top1"] = correct / max(clips, 1)
+    metrics = _all_reduce(local, device, mean=True)
+    counts = _all_reduce({"ok": clips, "bad": len(failures)}, device, mean=False)
+    metrics["train_clips_per_s"] = counts["ok"] / max(elapsed, 1e-9)
+    metrics["train_bad_clips"] = counts["bad"]
+    metrics[TRAIN_BAD_FRACTION] = counts["bad"] / max(counts["ok"] + counts["bad"], 1)
+    return metrics, failures
+
+
+def evaluate_shard(
+    core: JointAttentionNet,
+    device: torch.device,
+    batch_size: int,
+    read: ClipReader | None,
+    class_names: list[str],
+    test_videos: int,
+) -> tuple[dict[str, float], EvalReport, list[BadClip]] | None:
+    """Score this worker's shard of `val`; rank 0 returns the metrics of all the shards,
+    the report and every worker's failed clips.
+
+    Each test clip is in exactly one shard (`SplitEvalDataConfig`), so it is scored once
+    whatever the number of workers. A test video none of whose clips could be scored is
+    counted in `val_videos_unscored` (the metrics cover `val_videos_scored` videos).
+    """
+    started = time.perf_counter()
+    batches = iter_clip_batches(ray.train.get_dataset_shard("val"), batch_size, read)
+    preds, failures = predict_clips(core, batches, device)
+    preds = _gather_to_rank0([preds])
+    failures = _gather_to_rank0(failures)
+    if preds is None or failures is None:
+        return None
+    merged = ClipPredictions.concat(preds).sorted()
+    report = evaluate(merged, class_names)
+    out = {f"val_{k}": float(v) for k, v in report.metrics.items()}
+    scored = len(np.unique(merged.video_id))
+    out |= {
+        "val_bad_clips": float(len(failures)),
+        "val_videos_scored": float(scored),
+        "val_videos_unscored": float(test_videos - scored),
+    }
+    # Until the slowest worker's shard is scored and gathered: the evaluation's wall time.
+    out[VAL_SECONDS] = time.perf_counter() - started
+    return out, report, failures
+
+
+@torch.no_grad()
+def predict_clips(
+    core: JointAttentionNet, batches: Iterable[dict[str, np.ndarray]], device: torch.device
+) -> tuple[ClipPredictions, list[BadClip]]:
+    """Clip scores (vote and prob) for every decodable clip, and the clips that failed."""
+    core.eval()
+    parts: list[ClipPredictions] = []
+    failures: list[BadClip] = []
+    for rows in batches:
+        batch = to_batch(rows, device)
+        failures += batch.failures
+        if not batch.ok.any():
+            continue
+        batch = batch.select(batch.ok)
+        with autocast(device):
+            out = core(batch.inputs)
+        logits = out.step_logits.float()
+        parts.append(
+            ClipPredictions(
+                video_id=batch.video_ids,
+                label=batch.labels.cpu().numpy(),
+                scores_vote=clip_scores(logits, core.cfg.last_steps, "vote").cpu().numpy(),
+                scores_prob=clip_scores(logits, core.cfg.last_steps, "prob").cpu().numpy(),
+            )
+        )
+    if not parts:  # a worker whose shard of the test clips came out empty
+        parts.append(ClipPredictions.empty(core.cfg.num_classes))
+    return ClipPredictions.concat(parts), failures
+
+
+def write_bad_clips(directory: Path, failures: dict[str, list[BadClip]]) -> None:
+    """`BAD_CLIPS_FILE` in `directory` when any clip failed: one row per failed clip."""
+    rows = [{"subset": subset, **asdict(f)} for subset, fs in failures.items() for f in fs]
+    if rows:
+        pacsv.write_csv(pa.Table.from_pylist(rows), directory / BAD_CLIPS_FILE)
+
+
+def eval_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point of `jlstm eval`: score this worker's shard of the test clips.
+
+    `loop_config` holds the model config, the class names, the number of test videos, the
+    test clips' reader and an object ref to the model's state dict (so workers on other
+    nodes get it from the object store). Rank 0 gathers every shard and reports the
+    metrics with the report files (and the failed clips) as a checkpoint.
+    """
+    model_cfg = ModelConfig.model_validate(loop_config["model_config"])
+    device = ray.train.torch.get_device()
+    core = JointAttentionNet(model_cfg)
+    core.load_state_dict(ray.get(loop_config["state_ref"]))
+    core.to(device)
+    evaluated = evaluate_shard(
+        core, device, loop_config["batch_size"], loop_config["read"],
+        loop_config["class_names"], loop_config["test_videos"],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if evaluated is None:
+            ray.train.report({}, checkpoint=None)
+            return
+        metrics, report, failures = evaluated
+        report.write(Path(tmp) / EVAL_DIR)
+        write_bad_clips(Path(tmp), {"test": failures})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def _all_reduce(values: dict[str, float], device: torch.device, *, mean: bool) -> dict[str, float]:
+    """Each value summed (or averaged) over the workers."""
+    if not dist.is_initialized():
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    scale = dist.get_world_size() if mean else 1
+    return {k: float(v) / scale for k, v in zip(keys, tensor.tolist(), strict=True)}
+
+
+def _gather_all(value: Any) -> list[Any]:
+    """Every worker's `value`, in rank order, on every worker."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _gather_to_rank0(items: list[Any]) -> list[Any] | None:
+    """Rank 0: every worker's `items`, concatenated in rank order; other ranks: None."""
+    if not dist.is_initialized():
+        return list(items)
+    rank0 = dist.get_rank() == 0
+    gathered: list[Any] | None = [None] * dist.get_world_size() if rank0 else None
+    dist.gather_object(items, gathered, dst=0)
+    return [item for part in gathered for item in part] if gathered is not None else None
 
 
 def _node_system_metrics(settings: dict[str, Any] | None, ctx: Any) -> Any:
@@ -239,49 +320,3 @@ def _node_system_metrics(settings: dict[str, Any] | None, ctx: Any) -> Any:
         settings["run_id"], settings["tracking_uri"], f"node{ctx.get_node_rank()}",
         settings["interval_s"],
     )
-
-
-def evaluate_shard(
-    core: JointAttentionNet, device: torch.device, batch_size: int, class_names: list[str]
-) -> tuple[dict[str, float], EvalReport] | None:
-    """Score this worker's shard of `val`; rank 0 returns the metrics of all the shards.
-
-    Each test clip is in exactly one shard (`SplitEvalDataConfig`), so it is scored once
-    whatever the number of workers.
-    """
-    started = time.perf_counter()
-    shard = ray.train.get_dataset_shard("val")
-    gathered = gather_predictions(*predict_clips(core, shard, device, batch_size))
-    if gathered is None:
-        return None
-    preds, errors = gathered
-    report = evaluate(preds, class_names)
-    out = {f"val_{k}": float(v) for k, v in report.metrics.items()}
-    out["val_bad_clips"] = float(len(errors))
-    # Until the slowest worker's shard is scored and gathered: the evaluation's wall time.
-    out[VAL_SECONDS] = time.perf_counter() - started
-    return out, report
-
-
-def eval_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point of `jlstm eval`: score this worker's shard of the test clips.
-
-    `loop_config` holds the model config, the class names and an object ref to the model's
-    state dict (so workers on other nodes get it from the object store). Rank 0 gathers
-    every shard and reports the metrics with the report files as a checkpoint.
-    """
-    model_cfg = ModelConfig.model_validate(loop_config["model_config"])
-    device = ray.train.torch.get_device()
-    core = JointAttentionNet(model_cfg)
-    core.load_state_dict(ray.get(loop_config["state_ref"]))
-    core.to(device)
-    evaluated = evaluate_shard(
-        core, device, loop_config["batch_size"], loop_config["class_names"]
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        if evaluated is None:
-            ray.train.report({}, checkpoint=None)
-            return
-        metrics, report = evaluated
-        report.write(Path(tmp) / EVAL_DIR)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

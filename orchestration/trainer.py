@@ -16,6 +16,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 import ray.train
@@ -24,16 +25,30 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
 from data_shards.config import DataConfig
-from data_shards.datasets import build_datasets, quarantine_table
+from data_shards.datasets import (
+    BadDataError,
+    ClipReader,
+    build_datasets,
+    clip_readers,
+    load_manifest,
+    quarantine_table,
+    subset_videos,
+)
 from data_shards.decode import decode_clip
 from data_shards.index import ensure_index
 from data_shards.splits import class_names
 from model import JointAttentionNet, ModelConfig, normalize_frames
 from orchestration import tracking
+from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, config_to_yaml
 from orchestration.plots import plot_attention_overlay, plot_loss_curves
 from orchestration.resources import ResourcePlan, cluster_may_grow, plan_live, plan_resources
-from orchestration.train_loop import EVAL_DIR, load_state, train_loop_per_worker
+from orchestration.train_loop import (
+    BAD_CLIPS_FILE,
+    EVAL_DIR,
+    TRAIN_BAD_FRACTION,
+    train_loop_per_worker,
+)
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "jlstm.run_name"
@@ -114,6 +129,16 @@ class MlflowEpochLogger(ray.train.UserCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
         self.log_epoch(metrics[0])
+        failed = metrics[0].get("train_bad_clips", 0) + metrics[0].get("val_bad_clips", 0)
+        if failed and checkpoint is not None:
+            self.log_bad_clips(checkpoint, int(metrics[0]["epoch"]))
+
+    def log_bad_clips(self, checkpoint: ray.train.Checkpoint, epoch: int) -> None:
+        """The epoch's failed clips as artifact `bad_clips/epoch_<NNN>.csv`."""
+        with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:
+            named = Path(tmp) / f"epoch_{epoch:03d}.csv"
+            named.write_bytes((Path(ckpt_dir) / BAD_CLIPS_FILE).read_bytes())
+            MlflowClient(self.tracking_uri).log_artifact(self.run_id, str(named), "bad_clips")
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         """The numeric metrics of one epoch's report, at step = its epoch."""
@@ -163,6 +188,8 @@ class PreparedData:
     class_names: list[str]
     model_cfg: ModelConfig
     datasets: dict[str, ray.data.Dataset]
+    readers: dict[str, ClipReader | None]  # what each dataset's consumer applies per batch
+    test_videos: int
 
 
 def prepare_data(cfg: JlstmConfig) -> PreparedData:
@@ -170,7 +197,10 @@ def prepare_data(cfg: JlstmConfig) -> PreparedData:
     manifest = ensure_index(cfg.data)
     names = class_names(manifest)
     model_cfg = cfg.resolve_model(num_classes=len(names))
-    return PreparedData(manifest, names, model_cfg, build_datasets(cfg.data, model_cfg))
+    datasets = build_datasets(cfg.data, model_cfg)
+    test_videos = subset_videos(load_manifest(cfg.data), "test")
+    readers = clip_readers(cfg.data, model_cfg)
+    return PreparedData(manifest, names, model_cfg, datasets, readers, test_videos)
 
 
 def run_storage(cfg: JlstmConfig) -> str:
@@ -232,6 +262,8 @@ def build_trainer(
             "config": cfg.model_dump(mode="json"),
             "model_config": data.model_cfg.model_dump(mode="json"),
             "class_names": data.class_names,
+            "test_videos": data.test_videos,
+            "readers": data.readers,
             "system_metrics": system_metrics,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -283,7 +315,29 @@ def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResu
     result = build_trainer(cfg, data, plan, [MlflowEpochLogger(uri, run_id)], run_id).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.resolved_run_name()!r} finished without a checkpoint")
+    check_bad_clips(cfg, run_id, result)
     return finish_run(cfg, run_id, result.checkpoint, data)
+
+
+def check_bad_clips(cfg: JlstmConfig, run_id: str, result: ray.train.Result) -> None:
+    """A run the workers stopped because too many training clips failed: mark its MLflow
+    run FAILED and raise BadDataError naming the count, the first error and the artifact."""
+    fraction = result.metrics.get(TRAIN_BAD_FRACTION, 0.0)
+    if fraction <= cfg.data.max_bad_fraction:
+        return
+    epoch = int(result.metrics["epoch"])
+    with result.checkpoint.as_directory() as ckpt_dir:
+        failures = pacsv.read_csv(Path(ckpt_dir) / BAD_CLIPS_FILE).to_pylist()
+    first = next(f for f in failures if f["subset"] == "train")
+    MlflowClient().set_terminated(run_id, "FAILED")
+    raise BadDataError(
+        f"epoch {epoch}: {int(result.metrics['train_bad_clips'])} training clips "
+        f"({fraction:.1%}) failed, more than data.max_bad_fraction = "
+        f"{cfg.data.max_bad_fraction}; first: video {first['video_id']} at frame "
+        f"{first['clip_start']}: {first['error']}. Every failure: MLflow run {run_id}, "
+        f"artifact bad_clips/epoch_{epoch:03d}.csv. Fix or remove those videos, re-index "
+        "(jlstm data index) and re-run"
+    )
 
 
 def finish_run(
@@ -293,15 +347,15 @@ def finish_run(
     client = MlflowClient()
     tags = client.get_run(run_id).data.tags
     with checkpoint.as_directory() as ckpt_dir:
-        state = load_state(Path(ckpt_dir))
-        history = state["history"]
+        state = TrainState.load(Path(ckpt_dir))
+        history = state.history
         final = {k: float(v) for k, v in history[-1].items() if isinstance(v, int | float)}
-        if tags.get(FINISHED_TAG) == str(state["epoch"]):
-            log.info("run %s already finished at epoch %d: nothing to log", run_id, state["epoch"])
+        if tags.get(FINISHED_TAG) == str(state.epoch):
+            log.info("run %s already finished at epoch %d: nothing to log", run_id, state.epoch)
             return SplitResult(run_id, final, checkpoint.path, tags.get(VERSION_TAG), False)
         client.log_artifacts(run_id, str(Path(ckpt_dir) / EVAL_DIR), "evaluation")
-    net = JointAttentionNet(ModelConfig.model_validate(state["model_config"]))
-    net.load_state_dict(state["model"])
+    net = JointAttentionNet(ModelConfig.model_validate(state.model_config))
+    net.load_state_dict(state.model)
     with tempfile.TemporaryDirectory() as tmp:
         plots = [plot_loss_curves(history, Path(tmp) / "loss_curves.png")]
         plots += _attention_examples(net, cfg, data.manifest, data.class_names, Path(tmp))
@@ -324,9 +378,10 @@ def finish_run(
             promoted = tracking.promote_if_better(
                 registered, version, split=cfg.data.split,
                 video_top1=final["val_video_top1_vote"],
+                test_videos=int(final["val_videos_scored"]),
             )
             mlflow.set_tag(VERSION_TAG, version)
-        mlflow.set_tag(FINISHED_TAG, str(state["epoch"]))
+        mlflow.set_tag(FINISHED_TAG, str(state.epoch))
     return SplitResult(run_id, final, checkpoint.path, version, promoted)
 
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from data_shards.config import DataConfig
-from data_shards.datasets import build_datasets, load_manifest
+from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches, load_manifest
 from data_shards.decode import decode_clip
 from data_shards.features import StaleCacheError, build_feature_cache
 from data_shards.index import index_videos
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig, VGG16Taps, normalize_frames
+from orchestration.step import to_batch
 
 TAPS = ["pool4", "conv5_3"]
 
@@ -56,15 +57,25 @@ def cached(
     return data_cfg, model_cfg
 
 
+def _rows(data_cfg: DataConfig, model_cfg: ModelConfig, name: str) -> list[dict]:
+    """Every row of dataset `name`, its taps read the way a training worker reads them."""
+    dataset = build_datasets(data_cfg, model_cfg)[name]
+    read = clip_readers(data_cfg, model_cfg)[name]
+    return [
+        {key: values[i] for key, values in batch.items()}
+        for batch in iter_clip_batches(dataset, 4, read)
+        for i in range(len(batch["video_id"]))
+    ]
+
+
 def test_cache_rows_match_a_direct_backbone_forward(cached: tuple[DataConfig, ModelConfig]) -> None:
     data_cfg, model_cfg = cached
-    datasets = build_datasets(data_cfg, model_cfg)
     manifest = load_manifest(data_cfg).to_pydict()
     paths = dict(zip(manifest["video_id"], manifest["video_path"], strict=True))
     num_frames = dict(zip(manifest["video_id"], manifest["num_frames"], strict=True))
     backbone = VGG16Taps(TAPS, 2, weights=model_cfg.backbone_weights).eval()
     for name in ("train", "val"):
-        rows = datasets[name].take_all()
+        rows = _rows(data_cfg, model_cfg, name)
         assert rows and all(r["ok"] for r in rows)
         for row in rows[:3]:
             frames = decode_clip(
@@ -114,9 +125,42 @@ def test_a_truncated_cache_file_is_reported(
     victim = sorted(copy.glob("video_*.npy"))[0]
     victim.write_bytes(victim.read_bytes()[:-1000])
     cut = data_cfg.model_copy(update={"feature_cache": str(copy)})
-    datasets = build_datasets(cut, model_cfg)
-    rows = datasets["train"].take_all() + datasets["val"].take_all()
+    rows = _rows(cut, model_cfg, "train") + _rows(cut, model_cfg, "val")
     bad = [r for r in rows if not r["ok"]]
     assert bad and len(bad) < len(rows)
     assert all("truncated" in r["error"] and victim.name in r["error"] for r in bad)
     assert all(not r["taps_pool4"].any() for r in bad)  # zeros, flagged, never stale memory
+
+
+def test_a_uint8_cache_is_half_the_size_and_within_half_a_step(
+    cached: tuple[DataConfig, ModelConfig], tmp_path: Path
+) -> None:
+    """cache_dtype = uint8: each stored byte x its channel's scale is the fp16 tap to within
+    half a quantization step, and the worker's `to_batch` gives the model those values."""
+    data_cfg, model_cfg = cached
+    quantized_cfg = data_cfg.model_copy(
+        update={"cache_dtype": "uint8", "feature_cache": str(tmp_path / "features8")}
+    )
+    info8 = build_feature_cache(quantized_cfg, model_cfg)
+    info16 = build_feature_cache(data_cfg, model_cfg)  # the module's cache, reused
+    assert info8.num_failed == 0
+    assert info8.total_bytes < 0.6 * info16.total_bytes
+    with pytest.raises(StaleCacheError, match="dtype: cache has 'uint8', config wants 'float16'"):
+        build_datasets(
+            quantized_cfg.model_copy(update={"cache_dtype": "float16"}), model_cfg
+        )
+    key = ["video_id", "clip_start"]
+    rows16 = {tuple(r[k] for k in key): r for r in _rows(data_cfg, model_cfg, "val")}
+    read8 = clip_readers(quantized_cfg, model_cfg)["val"]
+    batch8 = read8(build_datasets(quantized_cfg, model_cfg)["val"].take_batch(
+        len(rows16), batch_format="numpy"
+    ))
+    inputs = to_batch(batch8, torch.device("cpu")).inputs
+    for i in range(len(batch8["video_id"])):
+        row16 = rows16[(batch8["video_id"][i], batch8["clip_start"][i])]
+        for tap in TAPS:
+            assert batch8[f"taps_{tap}"].dtype == np.uint8
+            step = batch8[f"tap_scale_{tap}"][i][None, :, None, None]
+            error = np.abs(inputs[tap][i].float().numpy() - row16[f"taps_{tap}"].astype(np.float32))
+            # Half a step, plus fp16 rounding of both sides (about 1e-3 relative).
+            assert (error <= step / 2 + 2e-3 * np.abs(row16[f"taps_{tap}"]) + 1e-6).all()

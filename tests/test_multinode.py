@@ -28,10 +28,10 @@ from tiny_run import EPOCHS, tiny_config
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig
 from orchestration import tracking
+from orchestration.checkpoint import TrainState
 from orchestration.config import ClusterConfig, JlstmConfig, validate_config
 from orchestration.inference import evaluate_distributed, evaluate_model
 from orchestration.resources import live_nodes, plan_live, plan_resources
-from orchestration.train_loop import load_state
 from orchestration.trainer import SplitResult, train_split
 
 pytestmark = pytest.mark.slow
@@ -145,11 +145,11 @@ def test_evaluation_on_one_and_two_workers_agrees(
     spread_run: tuple[JlstmConfig, SplitResult, list[str]], tmp_path: Path
 ) -> None:
     cfg, result, _ = spread_run
-    state = load_state(Path(result.checkpoint_dir))
+    state = TrainState.load(Path(result.checkpoint_dir))
     one = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"num_workers": 1})})
     on_one = evaluate_distributed(
-        one, ModelConfig.model_validate(state["model_config"]), state["model"],
-        state["class_names"], tmp_path / "one",
+        one, ModelConfig.model_validate(state.model_config), state.model,
+        state.class_names, tmp_path / "one",
     )
     # The registered model (same weights) through `jlstm eval`'s path, on 2 workers.
     name = tracking.registered_model_name("ucf101")
@@ -157,7 +157,7 @@ def test_evaluation_on_one_and_two_workers_agrees(
     assert on_one.pop("seconds") > 0 and on_two.pop("seconds") > 0
     assert on_one == on_two
     # And the training run's own last evaluation (2 workers, distributed) agrees.
-    last = state["history"][-1]
+    last = state.history[-1]
     assert {k: on_one[k] for k in ("video_top1_vote", "clip_top1_prob", "video_top5_prob")} == {
         k: last[f"val_{k}"] for k in ("video_top1_vote", "clip_top1_prob", "video_top5_prob")
     }
@@ -220,6 +220,6 @@ def test_run_survives_losing_a_worker_node(
     # Every epoch in MLflow exactly once (a re-run epoch would show up twice here).
     for metric in ("epoch", "loss_total", "val_video_top1_vote"):
         assert _epoch_steps(result.run_id, metric) == list(range(1, EPOCHS + 1)), metric
-    assert load_state(Path(result.checkpoint_dir))["epoch"] == EPOCHS
+    assert TrainState.load(Path(result.checkpoint_dir)).epoch == EPOCHS
     name = tracking.registered_model_name("ucf101")
     assert MlflowClient().get_model_version(name, result.model_version).run_id == result.run_id

@@ -119,21 +119,29 @@ def test_champion_moves_only_on_improvement(
     client = MlflowClient()
     name = "jlstm-promotion"
     client.create_registered_model(name)
-    versions = [client.create_model_version(name, info.model_uri).version for _ in range(5)]
+    versions = [client.create_model_version(name, info.model_uri).version for _ in range(7)]
 
     def champion() -> str:
         return client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS).version
 
-    assert tracking.promote_if_better(name, versions[0], split=1, video_top1=0.5)  # first
-    assert tracking.promote_if_better(name, versions[1], split=1, video_top1=0.6)  # better
+    def promote(version: str, split: int, top1: float, videos: int = 100) -> bool:
+        return tracking.promote_if_better(
+            name, version, split=split, video_top1=top1, test_videos=videos
+        )
+
+    assert promote(versions[0], 1, 0.5)  # first
+    assert promote(versions[1], 1, 0.6)  # better
     assert champion() == versions[1]
-    assert not tracking.promote_if_better(name, versions[2], split=1, video_top1=0.55)  # worse
-    assert not tracking.promote_if_better(name, versions[3], split=1, video_top1=0.6)  # equal
-    assert not tracking.promote_if_better(name, versions[4], split=2, video_top1=0.9)  # split
-    assert not tracking.promote_if_better(name, versions[1], split=1, video_top1=0.6)  # itself
+    assert not promote(versions[2], 1, 0.55)  # worse
+    assert not promote(versions[3], 1, 0.6)  # equal
+    assert not promote(versions[4], 2, 0.9)  # another split
+    assert not promote(versions[1], 1, 0.6)  # itself
+    assert not promote(versions[5], 1, 0.9, videos=99)  # better, but a video went unscored
     assert champion() == versions[1]
+    assert promote(versions[6], 1, 0.7, videos=101)  # better on more videos
+    assert champion() == versions[6]
     tags = client.get_model_version(name, versions[2]).tags
-    assert tags == {"split": "1", "video_top1": "0.55"}
+    assert tags == {"split": "1", "video_top1": "0.55", "test_videos": "100"}
 
 
 def test_default_store_is_sqlite_under_runs(
@@ -198,7 +206,9 @@ def test_log_register_and_load_through_a_real_server(
             mlflow.log_metric("val_video_top1_vote", 0.75, step=1)
             info = tracking.log_model(net, net.cfg, CLASS_NAMES, registered_model_name=REGISTERED)
         version = info.registered_model_version
-        assert tracking.promote_if_better(REGISTERED, version, split=1, video_top1=0.75)
+        assert tracking.promote_if_better(
+            REGISTERED, version, split=1, video_top1=0.75, test_videos=10
+        )
         loaded = tracking.load_model(f"models:/{REGISTERED}@{tracking.CHAMPION_ALIAS}")
         assert_same_outputs(net, loaded.net)
         logged_run = MlflowClient().get_run(run.info.run_id)

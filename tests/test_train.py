@@ -34,8 +34,8 @@ from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
 from orchestration import tracking
+from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, validate_config
-from orchestration.train_loop import load_state
 from orchestration.trainer import FINISHED_TAG, SplitResult, train_split
 
 REPO = Path(__file__).resolve().parent.parent
@@ -252,9 +252,9 @@ def test_killed_worker_resumes_from_checkpoint_on_mlflow_server(
         assert "error" not in outcome, outcome.get("error")
         result: SplitResult = outcome["result"]
 
-        state = load_state(Path(result.checkpoint_dir))
-        assert state["epoch"] == EPOCHS
-        assert [int(h["epoch"]) for h in state["history"]] == list(range(1, EPOCHS + 1))
+        state = TrainState.load(Path(result.checkpoint_dir))
+        assert state.epoch == EPOCHS
+        assert [int(h["epoch"]) for h in state.history] == list(range(1, EPOCHS + 1))
         client = MlflowClient(uri)
         steps = [m.step for m in client.get_metric_history(result.run_id, "epoch")]
         assert sorted(set(steps)) == list(range(1, EPOCHS + 1))

@@ -11,6 +11,13 @@ So each Train run registers its controller and placement group with a small regi
 actor owned by the sweep driver, and a Tune callback on the driver, when a trial ends,
 aborts that controller (which removes the group) or, if it is already gone, removes the
 group itself. A Train run that finished normally already removed its group: no-op.
+
+Upstream: ray-project/ray#54305 (Train V2 + Tune: a stopped trial's placement group
+outlives it); Ray's fix, #58515 (PlacementGroupCleaner), reaches dead controllers
+through the state API, so it needs the dashboard. The hooks used here are Ray Train V2
+internals (`WorkerGroupCallback`, the worker group's state, the controller's `abort`):
+pyproject.toml pins Ray to the minor release they were checked against
+(`TESTED_RAY_MINOR`), and tests/test_release_internals.py fails loudly when they move.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 ABORT_TIMEOUT_S = 60.0
+TESTED_RAY_MINOR = "2.60"  # keep equal to pyproject.toml's pin
 
 
 @ray.remote(num_cpus=0)

@@ -23,7 +23,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestration.config import ConfigError, validate_config
+from orchestration.config import (
+    ConfigError,
+    parse_override,
+    read_yaml_mapping,
+    set_dotted,
+    validate_config,
+)
 
 # The paper's setting (Wu et al. 2016): lambda = 1000, zeta = 1e-5, late fusion, 2 branches.
 PAPER_POINT: dict[str, Any] = {
@@ -189,18 +195,6 @@ class SweepConfig(_Strict):
         return {key: self.space[key].decode(sampled[key]) for key in self.space if key in sampled}
 
 
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """`raw["a"]["b"] = value` for key `a.b`, creating sections; refuses a non-section."""
-    *sections, leaf = key.split(".")
-    node = raw
-    for part in sections:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{key}: {part!r} is not a section of the config")
-        node = child
-    node[leaf] = value
-
-
 def trial_raw(base_raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of `base_raw` with each dotted key of `values` set."""
     raw = yaml.safe_load(yaml.safe_dump(base_raw)) or {}
@@ -293,17 +287,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     """Read a sweep YAML; `--set key=value` goes to the sweep for its own keys (num_samples,
     asha.grace_period, ...) and to the base run config otherwise (train.epochs, ...)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep config {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = read_yaml_mapping(path, "sweep config")
     for override in overrides or []:
-        key, sep, text = override.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set {override!r}: expected key=value, e.g. num_samples=8")
-        value = yaml.safe_load(text)
+        key, value = parse_override(override)
         if key.split(".", 1)[0] in SweepConfig.model_fields:
             set_dotted(raw, key, value)
         else:

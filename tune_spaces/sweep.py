@@ -33,9 +33,9 @@ from data_shards.index import ensure_index
 from data_shards.splits import class_names
 from model.backbone import TAP_LAST_INDEX
 from orchestration import tracking
+from orchestration.checkpoint import CHECKPOINT_FILE, TrainState
 from orchestration.config import ConfigError, JlstmConfig, validate_config
 from orchestration.resources import ResourcePlan, feature_pool, live_nodes
-from orchestration.train_loop import CHECKPOINT_FILE, load_state
 from orchestration.trainer import (
     MlflowEpochLogger,
     PreparedData,
@@ -148,7 +148,7 @@ def _run_trial(
     if finished is not None:
         # Interrupted after this trial's Train run ended but before Tune (and maybe MLflow)
         # took its last report: a new fit would train nothing and report nothing.
-        history = load_state(finished)["history"]
+        history = TrainState.load(finished).history
         logged = {m.step for m in MlflowClient().get_metric_history(run_id, "epoch")}
         logger = MlflowEpochLogger(tracking_uri, run_id)
         for epoch_metrics in history:
@@ -175,7 +175,7 @@ def _finished_checkpoint(cfg: JlstmConfig) -> Path | None:
     run_dir = Path(storage).resolve() / cfg.resolved_run_name()
     # Only checkpoint directories holding a state file: an upload cut short may have none.
     checkpoints = sorted(state.parent for state in run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
-    if checkpoints and load_state(checkpoints[-1])["epoch"] >= cfg.train.epochs:
+    if checkpoints and TrainState.load(checkpoints[-1]).epoch >= cfg.train.epochs:
         return checkpoints[-1]
     return None
 
@@ -422,7 +422,9 @@ def _register_best(
     manifest = ensure_index(cfg.data)
     names = class_names(manifest)
     # finish_run reads no dataset, so none is built here.
-    data = PreparedData(manifest, names, cfg.resolve_model(len(names)), datasets={})
+    data = PreparedData(
+        manifest, names, cfg.resolve_model(len(names)), datasets={}, readers={}, test_videos=0
+    )
     checkpoint = ray.train.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY])
     return finish_run(cfg, run_id, checkpoint, data)
 
