@@ -36,7 +36,7 @@ from data_shards.features import build_feature_cache, cache_file, scale_file
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
 from orchestration.config import load_config
-from orchestration.trainer import init_ray
+from orchestration.session import init_ray
 
 DTYPES = ("float16", "uint8")
 

@@ -43,7 +43,7 @@ from data_shards.features import build_feature_cache
 from data_shards.index import index_videos
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig
-from orchestration.trainer import RAY_NODE_ENV
+from orchestration.session import RAY_NODE_ENV
 
 MB = 1e6
 

@@ -36,7 +36,7 @@ from model import JointAttentionNet
 from orchestration.config import JlstmConfig, load_config
 from orchestration.demo import DEMO_CLASSES, DEMO_CONFIG, DEMO_VIDEOS_PER_CLASS
 from orchestration.inference import evaluate_distributed
-from orchestration.trainer import init_ray
+from orchestration.session import init_ray
 
 
 def prepare(workdir: Path, videos_per_class: int) -> JlstmConfig:

@@ -365,7 +365,7 @@ def main() -> None:
     if args.pipeline:  # Ray, decord and PyAV only here: --no-pipeline needs torch alone
         import ray
 
-        from orchestration.trainer import RAY_NODE_ENV
+        from orchestration.session import RAY_NODE_ENV
     try:
         if args.pipeline:
             # Before any CUDA work here: the cache's VGG16 actor gets the GPU to itself.

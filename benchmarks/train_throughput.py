@@ -55,18 +55,14 @@ from model import JointAttentionNet
 from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, load_config
 from orchestration.evaluate import evaluate
+from orchestration.session import init_ray, plan_run
 from orchestration.step import build_optimizer
 from orchestration.train_loop import (
     EVAL_DIR,
     predict_clips,
     train_epoch,
 )
-from orchestration.trainer import (
-    build_trainer,
-    init_ray,
-    plan_run,
-    prepare_data,
-)
+from orchestration.trainer import build_trainer, prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from data_shards.synth import synthesize_dataset
 from orchestration.demo import DEMO_CLASSES, DEMO_VIDEOS_PER_CLASS
-from orchestration.trainer import init_ray
+from orchestration.session import init_ray
 from tune_spaces.spaces import load_sweep
 from tune_spaces.sweep import print_sweep, run_sweep
 

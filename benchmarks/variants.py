@@ -33,7 +33,8 @@ from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
 from orchestration.config import JlstmConfig, load_config
-from orchestration.trainer import build_trainer, init_ray, plan_run, prepare_data
+from orchestration.session import init_ray, plan_run
+from orchestration.trainer import build_trainer, prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"

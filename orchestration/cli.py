@@ -1,16 +1,18 @@
-"""`jlstm`: the command line (also `python -m orchestration.cli`)."""
+"""The run commands of `jlstm` (train, eval, predict, plan, demo, data features), registered
+on the top-level parser by `jlstm.cli`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import math
-import sys
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestration.config import ConfigError, JlstmConfig, load_config
+from orchestration import tracking
+from orchestration.config import JlstmConfig, load_config
 from orchestration.resources import NodeShape, plan_resources
+
+if TYPE_CHECKING:
+    from orchestration.trainer import SplitResult
 
 
 def _splits(text: str) -> list[int]:
@@ -32,12 +34,29 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from orchestration.trainer import print_results, train_splits
+    from orchestration.trainer import train_splits
 
     cfg = load_config(args.config, args.overrides)
     splits = args.splits or [args.split or cfg.data.split]
     print_results(train_splits(cfg, splits))
     return 0
+
+
+SUMMARY_METRICS = ("val_clip_top1_vote", "val_video_top1_vote", "val_video_top1_prob",
+                   "val_video_top5_prob", "val_video_mean_class_vote")
+
+
+def print_results(results: list[SplitResult]) -> None:
+    """A table of each split's test metrics, and where to look in MLflow."""
+    print(f"{'run':34s}" + "".join(f"{m.removeprefix('val_'):>22s}" for m in SUMMARY_METRICS))
+    for r in results:
+        row = "".join(f"{r.metrics.get(m, float('nan')):22.3f}" for m in SUMMARY_METRICS)
+        print(f"{r.run_id:34s}{row}")
+        status = "now champion" if r.promoted else "champion unchanged"
+        print(f"  model version {r.model_version} ({status}); checkpoint {r.checkpoint_dir}")
+    uri = tracking.tracking_uri()
+    hint = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
+    print(f"browse the runs: {hint}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -68,7 +87,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     from data_shards.index import ensure_index
     from data_shards.splits import class_names
     from orchestration.resources import feature_pool, live_nodes
-    from orchestration.trainer import init_ray
+    from orchestration.session import init_ray
 
     cfg = load_config(args.config, args.overrides)
     init_ray()
@@ -138,7 +157,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from orchestration.resources import live_nodes, parse_nodes
-    from orchestration.trainer import init_ray
+    from orchestration.session import init_ray
 
     cfg = load_config(args.config, args.overrides)
     if args.nodes:
@@ -160,23 +179,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=args.workdir, overrides=args.overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from data_shards.cli import add_data_commands
-    from tune_spaces.cli import add_tune_command
-
-    parser = argparse.ArgumentParser(
-        prog="jlstm",
-        description="Train and evaluate the joint-attention LSTM (Wu et al. 2016) with Ray "
-        "and MLflow.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    data = commands.add_parser("data", help="index videos, synthesize a dataset, cache features")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-    add_data_commands(data_commands)
+def add_run_commands(commands: Any, data_commands: Any) -> None:
+    """Register train, eval, predict, demo and plan on `commands`, and features on the
+    `data` group's `data_commands`; each sets func(args) -> exit code."""
     features = data_commands.add_parser(
-        "features", help="compute the frozen VGG16 taps once and cache them (fp16 .npy per video)"
+        "features", help="compute the frozen VGG16 taps once and cache them (.npy per video)"
     )
     _add_config_args(features)
     features.add_argument("--rebuild", action="store_true", help="rebuild even a fresh cache")
@@ -221,32 +228,3 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     plan.set_defaults(func=_cmd_plan)
-    add_tune_command(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from data_shards.datasets import BadDataError
-    from data_shards.features import StaleCacheError
-    from orchestration.tracking import TrackingUnavailable
-
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        print(f"jlstm: config error: {err}", file=sys.stderr)
-        return 2
-    except TrackingUnavailable as err:
-        print(f"jlstm: {err}", file=sys.stderr)
-        return 3
-    except (BadDataError, StaleCacheError) as err:
-        print(f"jlstm: data error: {err}", file=sys.stderr)
-        return 4
-
-
-if __name__ == "__main__":
-    sys.exit(main())

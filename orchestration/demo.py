@@ -13,9 +13,11 @@ from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
 from data_shards.splits import class_names
 from data_shards.synth import synthesize_dataset
+from orchestration.cli import print_results
 from orchestration.config import load_config
 from orchestration.resources import feature_pool, live_nodes
-from orchestration.trainer import init_ray, print_results, train_splits
+from orchestration.session import init_ray
+from orchestration.trainer import train_splits
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_CLASSES = 4

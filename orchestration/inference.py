@@ -22,8 +22,9 @@ from orchestration import tracking
 from orchestration.config import JlstmConfig
 from orchestration.mlflow_model import PREDICT_BATCH, predict_proba
 from orchestration.plots import plot_attention_overlay
+from orchestration.session import init_ray, plan_run, run_storage
 from orchestration.train_loop import EVAL_DIR, eval_loop_per_worker
-from orchestration.trainer import SplitEvalDataConfig, init_ray, plan_run, run_storage
+from orchestration.trainer import SplitEvalDataConfig
 
 
 def evaluate_model(model_uri: str, cfg: JlstmConfig, out_dir: str | Path) -> dict[str, float]:

@@ -1,4 +1,6 @@
-"""MLflow tracking and registry: where runs go, how the model is logged, loaded and promoted.
+"""MLflow tracking and registry: where runs go, one run's lifecycle (found by run name,
+inputs, per-epoch metrics from the Train controller), how the model is logged, loaded
+and promoted.
 
 The default store is SQLite under `./runs/` with artifacts beside it; `MLFLOW_TRACKING_URI`
 selects a server instead. The model is a pyfunc "models from code" whose weights are a plain
@@ -12,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
+import ray.train
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -31,9 +35,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 import model as model_package
+from data_shards.datasets import quarantine_table
 from model import ModelConfig
 from orchestration import mlflow_model
+from orchestration.config import JlstmConfig, config_to_yaml
 from orchestration.mlflow_model import LoadedModel, load_from_files
+from orchestration.train_loop import BAD_CLIPS_FILE
 
 if TYPE_CHECKING:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -294,3 +301,80 @@ def promote_if_better(
             return False
     client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, version)
     return True
+
+
+# One run's lifecycle: found or created by its run name, inputs, per-epoch metrics.
+RUN_NAME_TAG = "jlstm.run_name"
+# Set once a run's final model is logged: re-running a finished run name logs nothing twice.
+FINISHED_TAG = "jlstm.finished_epoch"
+VERSION_TAG = "jlstm.model_version"
+
+
+def start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -> str:
+    """The MLflow run of this run name: resumed when it exists, so a re-run continues it."""
+    client = MlflowClient()
+    name = cfg.resolved_run_name()
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    tags = {
+        RUN_NAME_TAG: name,
+        "dataset": cfg.data.dataset,
+        "split": str(cfg.data.split),
+        "variant": cfg.variant,
+    }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+class MlflowEpochLogger(ray.train.UserCallback):
+    """Logs each reported epoch to MLflow from the Train controller, so workers never wait."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+        self.log_epoch(metrics[0])
+        failed = metrics[0].get("train_bad_clips", 0) + metrics[0].get("val_bad_clips", 0)
+        if failed and checkpoint is not None:
+            self.log_bad_clips(checkpoint, int(metrics[0]["epoch"]))
+
+    def log_bad_clips(self, checkpoint: ray.train.Checkpoint, epoch: int) -> None:
+        """The epoch's failed clips as artifact `bad_clips/epoch_<NNN>.csv`."""
+        with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:
+            named = Path(tmp) / f"epoch_{epoch:03d}.csv"
+            named.write_bytes((Path(ckpt_dir) / BAD_CLIPS_FILE).read_bytes())
+            MlflowClient(self.tracking_uri).log_artifact(self.run_id, str(named), "bad_clips")
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        """The numeric metrics of one epoch's report, at step = its epoch."""
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        client = MlflowClient(self.tracking_uri)
+        step = int(numeric.get("epoch", 0))
+        now_ms = int(time.time() * 1000)
+        client.log_batch(
+            self.run_id,
+            metrics=[mlflow.entities.Metric(k, v, now_ms, step) for k, v in numeric.items()],
+        )
+
+
+def log_run_inputs(cfg: JlstmConfig, run_id: str, model_cfg: ModelConfig) -> None:
+    """Params (the flattened config), the config YAML and the quarantine table."""
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.yaml"
+        config_path.write_text(config_to_yaml(cfg))
+        client.log_artifact(run_id, str(config_path))
+        quarantine = Path(tmp) / "quarantine.csv"
+        quarantine_table(cfg.data).to_pandas().to_csv(quarantine, index=False)
+        client.log_artifact(run_id, str(quarantine))
+    existing = client.get_run(run_id).data.params
+    params = flatten_params(cfg.model_dump(mode="json"))
+    params |= flatten_params(model_cfg.model_dump(mode="json"), prefix="resolved_model.")
+    for key, value in params.items():
+        if key not in existing:
+            client.log_param(run_id, key, value)

@@ -1,4 +1,4 @@
-"""The driver side of a training run: size the workers, launch TorchTrainer, log to MLflow.
+"""The driver side of a training run: its data, its TorchTrainer, its end (model, champion).
 
 `train_split` is one (dataset, split, variant) run; `train_splits` runs several splits
 under one parent MLflow run whose metrics are the split averages (the paper's "average").
@@ -7,9 +7,7 @@ under one parent MLflow run whose metrics are the split averages (the paper's "a
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +15,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import ray
 import ray.train
-import torch
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
@@ -31,18 +27,18 @@ from data_shards.datasets import (
     build_datasets,
     clip_readers,
     load_manifest,
-    quarantine_table,
     subset_videos,
 )
-from data_shards.decode import decode_clip
 from data_shards.index import ensure_index
 from data_shards.splits import class_names
-from model import JointAttentionNet, ModelConfig, normalize_frames
+from model import JointAttentionNet, ModelConfig
 from orchestration import tracking
+from orchestration.attention_examples import attention_examples
 from orchestration.checkpoint import TrainState
-from orchestration.config import JlstmConfig, config_to_yaml
-from orchestration.plots import plot_attention_overlay, plot_loss_curves
-from orchestration.resources import ResourcePlan, cluster_may_grow, plan_live, plan_resources
+from orchestration.config import JlstmConfig
+from orchestration.plots import plot_loss_curves
+from orchestration.resources import ResourcePlan
+from orchestration.session import init_ray, plan_run, run_storage
 from orchestration.train_loop import (
     BAD_CLIPS_FILE,
     EVAL_DIR,
@@ -51,10 +47,6 @@ from orchestration.train_loop import (
 )
 
 log = logging.getLogger(__name__)
-RUN_NAME_TAG = "jlstm.run_name"
-# Set once a run's final model is logged: re-running a finished run name logs nothing twice.
-FINISHED_TAG = "jlstm.finished_epoch"
-VERSION_TAG = "jlstm.model_version"
 
 
 @dataclass
@@ -66,118 +58,6 @@ class SplitResult:
     checkpoint_dir: str
     model_version: str | None
     promoted: bool
-
-
-# Ray ends an idle task worker process after 1 s once a node runs more worker processes than
-# it has CPUs, and a Train run always does (controller, workers, Ray Data's split
-# coordinator): every Ray Data task then waits for a new Python process. Measured here
-# (benchmarks/train_throughput.py, 1 worker, cached taps), the Train worker waited on data
-# 70% of the time: 38 clips/s, against 73 with idle workers kept for a minute. Read by the
-# processes of a cluster started from here; `ray start` needs it too (deploy/README.md).
-RAY_NODE_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
-
-
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (or the one `ray job submit` runs in), else start one."""
-    if not ray.is_initialized():
-        for key, value in RAY_NODE_ENV.items():
-            os.environ.setdefault(key, value)
-        ray.init(log_to_driver=False)
-
-
-def plan_run(cfg: JlstmConfig, *, max_runs: int = 1, trial_cpus: float = 0.0) -> ResourcePlan:
-    """The resource plan of `cfg` (or of a sweep's concurrent runs) on the live cluster.
-
-    On a cluster jlstm joined it waits up to `cluster.wait_for_resources_s` for the cluster
-    to grow; a plan that does not fit is refused with a ConfigError naming the numbers.
-    """
-    wait = cfg.cluster.wait_for_resources_s if cluster_may_grow() else 0.0
-    return plan_live(
-        lambda nodes: plan_resources(
-            cfg.cluster, cfg.data.decode_cpus, nodes, max_runs=max_runs, trial_cpus=trial_cpus
-        ),
-        wait,
-    )
-
-
-def start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -> str:
-    """The MLflow run of this run name: resumed when it exists, so a re-run continues it."""
-    client = MlflowClient()
-    name = cfg.resolved_run_name()
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1
-    )
-    if found:
-        return found[0].info.run_id
-    tags = {
-        RUN_NAME_TAG: name,
-        "dataset": cfg.data.dataset,
-        "split": str(cfg.data.split),
-        "variant": cfg.variant,
-    }
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-
-
-class MlflowEpochLogger(ray.train.UserCallback):
-    """Logs each reported epoch to MLflow from the Train controller, so workers never wait."""
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
-        self.log_epoch(metrics[0])
-        failed = metrics[0].get("train_bad_clips", 0) + metrics[0].get("val_bad_clips", 0)
-        if failed and checkpoint is not None:
-            self.log_bad_clips(checkpoint, int(metrics[0]["epoch"]))
-
-    def log_bad_clips(self, checkpoint: ray.train.Checkpoint, epoch: int) -> None:
-        """The epoch's failed clips as artifact `bad_clips/epoch_<NNN>.csv`."""
-        with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:
-            named = Path(tmp) / f"epoch_{epoch:03d}.csv"
-            named.write_bytes((Path(ckpt_dir) / BAD_CLIPS_FILE).read_bytes())
-            MlflowClient(self.tracking_uri).log_artifact(self.run_id, str(named), "bad_clips")
-
-    def log_epoch(self, metrics: dict[str, Any]) -> None:
-        """The numeric metrics of one epoch's report, at step = its epoch."""
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        client = MlflowClient(self.tracking_uri)
-        step = int(numeric.get("epoch", 0))
-        now_ms = int(time.time() * 1000)
-        client.log_batch(
-            self.run_id,
-            metrics=[mlflow.entities.Metric(k, v, now_ms, step) for k, v in numeric.items()],
-        )
-
-
-def _attention_examples(
-    net: JointAttentionNet, cfg: JlstmConfig, manifest: Path, names: list[str], out_dir: Path
-) -> list[Path]:
-    """Attention grids (paper Fig. 6) for the first clip of a few test videos."""
-    table = pq.read_table(manifest).to_pandas()
-    test = table[table["subset"] == "test"].drop_duplicates("label").head(
-        cfg.tracking.attention_examples
-    )
-    model_cfg = net.cfg
-    paths = []
-    net.eval()
-    for row in test.itertuples():
-        frames = decode_clip(
-            row.video_path, 0, int(row.num_frames), model_cfg.clip_len,
-            cfg.data.frame_interval, model_cfg.frame_size,
-        )
-        with torch.no_grad():
-            out = net(normalize_frames(torch.as_tensor(frames)[None]))
-        predicted = names[int(out.step_logits[0, -1].argmax())]
-        path = out_dir / f"attention_{Path(row.video_path).stem}.png"
-        plot_attention_overlay(
-            frames, out.attention[0].numpy(), path,
-            title=f"{Path(row.video_path).name}: true {row.label_name}, predicted {predicted}",
-        )
-        paths.append(path)
-    return paths
 
 
 @dataclass
@@ -201,12 +81,6 @@ def prepare_data(cfg: JlstmConfig) -> PreparedData:
     test_videos = subset_videos(load_manifest(cfg.data), "test")
     readers = clip_readers(cfg.data, model_cfg)
     return PreparedData(manifest, names, model_cfg, datasets, readers, test_videos)
-
-
-def run_storage(cfg: JlstmConfig) -> str:
-    """`cluster.storage_path` as Ray Train takes it: a URI as is, a local path absolute."""
-    storage = cfg.cluster.storage_path
-    return storage if "://" in storage else str(Path(storage).resolve())
 
 
 class SplitEvalDataConfig(ray.train.DataConfig):
@@ -285,24 +159,6 @@ def build_trainer(
     )
 
 
-def log_run_inputs(cfg: JlstmConfig, run_id: str, model_cfg: ModelConfig) -> None:
-    """Params (the flattened config), the config YAML and the quarantine table."""
-    client = MlflowClient()
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = Path(tmp) / "config.yaml"
-        config_path.write_text(config_to_yaml(cfg))
-        client.log_artifact(run_id, str(config_path))
-        quarantine = Path(tmp) / "quarantine.csv"
-        quarantine_table(cfg.data).to_pandas().to_csv(quarantine, index=False)
-        client.log_artifact(run_id, str(quarantine))
-    existing = client.get_run(run_id).data.params
-    params = tracking.flatten_params(cfg.model_dump(mode="json"))
-    params |= tracking.flatten_params(model_cfg.model_dump(mode="json"), prefix="resolved_model.")
-    for key, value in params.items():
-        if key not in existing:
-            client.log_param(run_id, key, value)
-
-
 def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResult:
     """Train and evaluate one split; everything lands in one MLflow run."""
     uri = tracking.connect()
@@ -310,9 +166,9 @@ def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResu
     init_ray()
     plan = plan_run(cfg)
     data = prepare_data(cfg)
-    run_id = start_run(cfg, experiment_id, parent_run_id)
-    log_run_inputs(cfg, run_id, data.model_cfg)
-    result = build_trainer(cfg, data, plan, [MlflowEpochLogger(uri, run_id)], run_id).fit()
+    run_id = tracking.start_run(cfg, experiment_id, parent_run_id)
+    tracking.log_run_inputs(cfg, run_id, data.model_cfg)
+    result = build_trainer(cfg, data, plan, [tracking.MlflowEpochLogger(uri, run_id)], run_id).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.resolved_run_name()!r} finished without a checkpoint")
     check_bad_clips(cfg, run_id, result)
@@ -350,15 +206,16 @@ def finish_run(
         state = TrainState.load(Path(ckpt_dir))
         history = state.history
         final = {k: float(v) for k, v in history[-1].items() if isinstance(v, int | float)}
-        if tags.get(FINISHED_TAG) == str(state.epoch):
+        if tags.get(tracking.FINISHED_TAG) == str(state.epoch):
             log.info("run %s already finished at epoch %d: nothing to log", run_id, state.epoch)
-            return SplitResult(run_id, final, checkpoint.path, tags.get(VERSION_TAG), False)
+            version = tags.get(tracking.VERSION_TAG)
+            return SplitResult(run_id, final, checkpoint.path, version, False)
         client.log_artifacts(run_id, str(Path(ckpt_dir) / EVAL_DIR), "evaluation")
     net = JointAttentionNet(ModelConfig.model_validate(state.model_config))
     net.load_state_dict(state.model)
     with tempfile.TemporaryDirectory() as tmp:
         plots = [plot_loss_curves(history, Path(tmp) / "loss_curves.png")]
-        plots += _attention_examples(net, cfg, data.manifest, data.class_names, Path(tmp))
+        plots += attention_examples(net, cfg, data.manifest, data.class_names, Path(tmp))
         for path in plots:
             client.log_artifact(run_id, str(path), "plots")
 
@@ -380,8 +237,8 @@ def finish_run(
                 video_top1=final["val_video_top1_vote"],
                 test_videos=int(final["val_videos_scored"]),
             )
-            mlflow.set_tag(VERSION_TAG, version)
-        mlflow.set_tag(FINISHED_TAG, str(state.epoch))
+            mlflow.set_tag(tracking.VERSION_TAG, version)
+        mlflow.set_tag(tracking.FINISHED_TAG, str(state.epoch))
     return SplitResult(run_id, final, checkpoint.path, version, promoted)
 
 
@@ -394,7 +251,7 @@ def train_splits(cfg: JlstmConfig, splits: list[int]) -> list[SplitResult]:
     parent_cfg = cfg.model_copy(
         update={"run_name": f"{cfg.data.dataset}-splits{'+'.join(map(str, splits))}-{cfg.variant}"}
     )
-    parent_id = start_run(parent_cfg, experiment_id, None)
+    parent_id = tracking.start_run(parent_cfg, experiment_id, None)
     results = [
         train_split(
             cfg.model_copy(update={"data": _with_split(cfg, split), "run_name": None}),
@@ -415,20 +272,3 @@ def _with_split(cfg: JlstmConfig, split: int) -> DataConfig:
     if split == cfg.data.split:
         return cfg.data
     return cfg.data.model_copy(update={"split": split, "manifest": None})
-
-
-SUMMARY_METRICS = ("val_clip_top1_vote", "val_video_top1_vote", "val_video_top1_prob",
-                   "val_video_top5_prob", "val_video_mean_class_vote")
-
-
-def print_results(results: list[SplitResult]) -> None:
-    """A table of each split's test metrics, and where to look in MLflow."""
-    print(f"{'run':34s}" + "".join(f"{m.removeprefix('val_'):>22s}" for m in SUMMARY_METRICS))
-    for r in results:
-        row = "".join(f"{r.metrics.get(m, float('nan')):22.3f}" for m in SUMMARY_METRICS)
-        print(f"{r.run_id:34s}{row}")
-        status = "now champion" if r.promoted else "champion unchanged"
-        print(f"  model version {r.model_version} ({status}); checkpoint {r.checkpoint_dir}")
-    uri = tracking.tracking_uri()
-    hint = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
-    print(f"browse the runs: {hint}")

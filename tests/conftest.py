@@ -17,7 +17,7 @@ def _start_local_ray() -> None:
     """A real local Ray cluster of 2 logical CPUs (this machine's cores)."""
     import ray
 
-    from orchestration.trainer import RAY_NODE_ENV
+    from orchestration.session import RAY_NODE_ENV
 
     # Also reaches the `ray start --head` cluster of the job-submission test and the
     # raylets of the multi-node cluster.
@@ -48,7 +48,7 @@ def multinode_cluster() -> Iterator[object]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestration.trainer import RAY_NODE_ENV
+    from orchestration.session import RAY_NODE_ENV
 
     was_running = ray.is_initialized()
     ray.shutdown()

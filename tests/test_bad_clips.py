@@ -18,7 +18,8 @@ from tiny_run import tiny_config
 
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
-from orchestration import cli, tracking
+from jlstm import cli
+from orchestration import tracking
 from orchestration.config import validate_config
 from orchestration.trainer import train_split
 

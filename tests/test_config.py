@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.cli import main
+from jlstm.cli import main
 from orchestration.config import ConfigError, load_config, validate_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

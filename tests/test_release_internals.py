@@ -41,5 +41,12 @@ def test_the_worker_group_hook_and_its_path_to_the_placement_group_exist() -> No
 
 
 def test_the_controller_can_be_aborted() -> None:
+    # Ray's tracing hooks may wrap actor methods (adding `_ray_trace_ctx`) once a Train run
+    # has started in this process; abort must still take no argument of its own.
     abort = inspect.signature(TrainController.abort)
-    assert list(abort.parameters) == ["self"]
+    own = [
+        name for name, param in abort.parameters.items()
+        if not name.startswith("_ray") and param.kind not in (param.VAR_POSITIONAL,
+                                                               param.VAR_KEYWORD)
+    ]
+    assert own == ["self"], abort

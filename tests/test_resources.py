@@ -16,7 +16,7 @@ import pytest
 from data_shards.clips import clip_starts, needed_frames
 from data_shards.config import DataConfig
 from data_shards.sizing import data_size
-from orchestration.cli import main
+from jlstm.cli import main
 from orchestration.config import ClusterConfig, ConfigError, load_config
 from orchestration.resources import (
     GPU_WORKER_CPUS,

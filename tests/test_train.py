@@ -36,7 +36,8 @@ from data_shards.synth import synthesize_dataset
 from orchestration import tracking
 from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, validate_config
-from orchestration.trainer import FINISHED_TAG, SplitResult, train_split
+from orchestration.tracking import FINISHED_TAG
+from orchestration.trainer import SplitResult, train_split
 
 REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_predict_agrees_with_the_registered_model(
     cfg, _ = trained
     video = next((dataset / "UCF-101").glob("*/*.avi"))
     out = subprocess.run(
-        [sys.executable, "-m", "orchestration.cli", "predict", str(video),
+        [sys.executable, "-m", "jlstm", "predict", str(video),
          "--model", "models:/jlstm-ucf101@champion", "--top-k", "2",
          "--frame-interval", str(cfg.data.frame_interval)],
         capture_output=True, text=True, timeout=300, cwd=REPO,
@@ -185,7 +186,7 @@ def test_predict_names_the_right_class_after_a_short_training(
     first_train_line = (root / "ucfTrainTestlist" / "trainlist01.txt").read_text().split()[0]
     video = root / "UCF-101" / first_train_line
     out = subprocess.run(
-        [sys.executable, "-m", "orchestration.cli", "predict", str(video),
+        [sys.executable, "-m", "jlstm", "predict", str(video),
          "--model", "models:/jlstm-ucf101@champion"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
         env={**os.environ, "MLFLOW_TRACKING_URI": uri},
@@ -203,7 +204,7 @@ def test_unreachable_tracking_server_fails_before_training(
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config(dataset, storage, "never")))
     out = subprocess.run(
-        [sys.executable, "-m", "orchestration.cli", "train", "--config", str(config)],
+        [sys.executable, "-m", "jlstm", "train", "--config", str(config)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env={**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"},
     )
@@ -306,7 +307,7 @@ def test_ray_job_submit_runs_training(dataset: Path, tmp_path: Path) -> None:
         submit = [
             bin_dir / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
             "--runtime-env-json", runtime_env, "--",
-            "python", "-m", "orchestration.cli", "train", "--config", str(config),
+            "python", "-m", "jlstm", "train", "--config", str(config),
         ]
         deadline = time.monotonic() + 180
         while True:

@@ -21,7 +21,7 @@ import yaml
 from data_shards.features import StaleCacheError, build_feature_cache, check_cache
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
-from orchestration.cli import main
+from jlstm.cli import main
 from orchestration.config import ConfigError, load_config
 from orchestration.resources import NodeShape, ResourcePlan, plan_resources
 from tune_spaces.spaces import PAPER_POINT, load_sweep
@@ -301,7 +301,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
         # The CLI joins this session's cluster instead of starting a second one.
         "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
     }
-    command = [sys.executable, "-m", "orchestration.cli", "tune", "--config", str(sweep_path)]
+    command = [sys.executable, "-m", "jlstm", "tune", "--config", str(sweep_path)]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 150

@@ -36,18 +36,8 @@ from orchestration import tracking
 from orchestration.checkpoint import CHECKPOINT_FILE, TrainState
 from orchestration.config import ConfigError, JlstmConfig, validate_config
 from orchestration.resources import ResourcePlan, feature_pool, live_nodes
-from orchestration.trainer import (
-    MlflowEpochLogger,
-    PreparedData,
-    SplitResult,
-    build_trainer,
-    finish_run,
-    init_ray,
-    log_run_inputs,
-    plan_run,
-    prepare_data,
-    start_run,
-)
+from orchestration.session import init_ray, plan_run
+from orchestration.trainer import PreparedData, SplitResult, build_trainer, finish_run, prepare_data
 from tune_spaces.release import RegisterTrainRun, ReleaseEndedTrainRuns, registry
 from tune_spaces.report import (
     FUSION_KEY,
@@ -142,7 +132,7 @@ def _run_trial(
                              "run_name": f"{sweep.name}-{trial_id}"}),
         source=f"trial {trial_id}",
     )
-    run_id = start_run(cfg, experiment_id, parent_run_id)
+    run_id = tracking.start_run(cfg, experiment_id, parent_run_id)
     MlflowClient().set_tag(run_id, TRIAL_TAG, trial_id)
     finished = _finished_checkpoint(cfg)
     if finished is not None:
@@ -150,7 +140,7 @@ def _run_trial(
         # took its last report: a new fit would train nothing and report nothing.
         history = TrainState.load(finished).history
         logged = {m.step for m in MlflowClient().get_metric_history(run_id, "epoch")}
-        logger = MlflowEpochLogger(tracking_uri, run_id)
+        logger = tracking.MlflowEpochLogger(tracking_uri, run_id)
         for epoch_metrics in history:
             if int(epoch_metrics["epoch"]) not in logged:
                 logger.log_epoch(epoch_metrics)
@@ -158,9 +148,9 @@ def _run_trial(
         return
     plan = plan_run(cfg)
     data = prepare_data(cfg)
-    log_run_inputs(cfg, run_id, data.model_cfg)
+    tracking.log_run_inputs(cfg, run_id, data.model_cfg)
     callbacks = [
-        MlflowEpochLogger(tracking_uri, run_id),
+        tracking.MlflowEpochLogger(tracking_uri, run_id),
         TuneReportCallback(),
         RegisterTrainRun(registry_name, trial_id),
     ]

@@ -1,0 +1,57 @@
+"""`jlstm`: the command line. Each layer registers its own commands; errors a user can fix
+end here as one line and an exit code, never a traceback.
+
+Exit codes: 0 done, 2 config error (or `jlstm plan`: does not fit), 3 tracking server
+unreachable, 4 data error (too many bad videos or clips, a stale cache), 130 a sweep
+stopped by Ctrl+C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from data_shards.cli import add_data_commands
+from data_shards.datasets import BadDataError
+from data_shards.features import StaleCacheError
+from orchestration.cli import add_run_commands
+from orchestration.config import ConfigError
+from orchestration.tracking import TrackingUnavailable
+from tune_spaces.cli import add_tune_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jlstm",
+        description="Train and evaluate the joint-attention LSTM (Wu et al. 2016) with Ray "
+        "and MLflow.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data", help="index videos, synthesize a dataset, cache features")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    add_data_commands(data_commands)
+    add_run_commands(commands, data_commands)
+    add_tune_command(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"jlstm: config error: {err}", file=sys.stderr)
+        return 2
+    except TrackingUnavailable as err:
+        print(f"jlstm: {err}", file=sys.stderr)
+        return 3
+    except (BadDataError, StaleCacheError) as err:
+        print(f"jlstm: data error: {err}", file=sys.stderr)
+        return 4

@@ -1,0 +1,54 @@
+"""The attention grids a finished run logs (paper Figure 6): the first clip of one test
+video per class, decoded, run through the net, drawn by `plots.plot_attention_overlay`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from data_shards.decode import decode_clip
+from model import JointAttentionNet, normalize_frames
+from orchestration.config import JlstmConfig
+from orchestration.plots import plot_attention_overlay
+
+log = logging.getLogger(__name__)
+
+
+def attention_examples(
+    net: JointAttentionNet, cfg: JlstmConfig, manifest: Path, names: list[str], out_dir: Path
+) -> list[Path]:
+    """Attention grids (paper Fig. 6) for the first clip of a few test videos, one per
+    class; a video that no longer decodes is skipped (its clips are in bad_clips)."""
+    table = pq.read_table(manifest).to_pandas()
+    test = table[table["subset"] == "test"]
+    model_cfg = net.cfg
+    paths: list[Path] = []
+    plotted: set[int] = set()
+    net.eval()
+    for row in test.itertuples():
+        if len(paths) == cfg.tracking.attention_examples:
+            break
+        if row.label in plotted:
+            continue
+        try:
+            frames = decode_clip(
+                row.video_path, 0, int(row.num_frames), model_cfg.clip_len,
+                cfg.data.frame_interval, model_cfg.frame_size,
+            )
+        except Exception as err:  # decord raises RuntimeError, DECORDError, ...
+            log.warning("attention example: skipped %s: %s", row.video_path, err)
+            continue
+        with torch.no_grad():
+            out = net(normalize_frames(torch.as_tensor(frames)[None]))
+        predicted = names[int(out.step_logits[0, -1].argmax())]
+        path = out_dir / f"attention_{Path(row.video_path).stem}.png"
+        plot_attention_overlay(
+            frames, out.attention[0].numpy(), path,
+            title=f"{Path(row.video_path).name}: true {row.label_name}, predicted {predicted}",
+        )
+        paths.append(path)
+        plotted.add(row.label)
+    return paths
