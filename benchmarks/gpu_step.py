@@ -76,6 +76,7 @@ PEAK_BF16_TFLOPS: list[tuple[tuple[str, ...], float]] = [
 # start every clip_len // 2 frames (the paper's 15). The pipeline runs at most these steps.
 VIDEO_CLIP_LENGTHS, CLASSES = 4, 2
 PIPELINE_STEPS, PIPELINE_WARMUP = 10, 2
+PROFILE_STEPS, PROFILE_TOP = 3, 15  # --profile: steps traced, ops listed
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
@@ -159,6 +160,42 @@ def step_figures(times: list[float], batch_size: int) -> dict[str, float]:
     }
 
 
+def profile_steps(
+    net: JointAttentionNet, batch: Batch, optimizer: torch.optim.Optimizer, cfg: JlstmConfig,
+    device: torch.device, steps: int = PROFILE_STEPS,
+) -> dict[str, Any]:
+    """Where one step's time goes (torch.profiler over `steps` steps): the device's busy
+    share of the wall time, kernels launched per step, and the top ops by self device
+    time (self CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            train_step(net, net, batch, optimizer, cfg.train.grad_clip)
+        sync(device)
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    kernels = [e for e in prof.events() if cuda and e.device_type.name == "CUDA"]
+    busy_us = sum(self_time(e) for e in events)
+    top = sorted(events, key=self_time, reverse=True)[:PROFILE_TOP]
+    return {
+        "steps": steps,
+        "wall_s_per_step": round(wall / steps, 4),
+        "device_busy_share": round(busy_us / 1e6 / wall, 4) if cuda else None,
+        "kernels_per_step": round(len(kernels) / steps) if cuda else None,
+        "top_ops": [
+            {"op": e.key, "calls_per_step": round(e.count / steps, 1),
+             "self_ms_per_step": round(self_time(e) / 1e3 / steps, 3)}
+            for e in top
+        ],
+    }
+
+
 def synthetic_run(
     model_cfg: ModelConfig, cfg: JlstmConfig, mode: str, batch_size: int,
     device: torch.device, args: argparse.Namespace,
@@ -177,6 +214,8 @@ def synthetic_run(
             times.append(time.perf_counter() - start)
     out: dict[str, Any] = {"backbone": model_cfg.backbone, "batch_size": batch_size}
     out |= step_figures(times, batch_size)
+    if args.profile:
+        out["profile"] = profile_steps(net, batch, optimizer, cfg, device)
     achieved = flops / out["step_s_median"] / 1e12
     peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     out |= {
@@ -323,6 +362,8 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
     parser.add_argument("--no-pipeline", dest="pipeline", action="store_false",
                         help="synthetic tensors only: no dataset, no Ray")
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace a few synthetic steps: device busy share, top ops")
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--workdir", type=Path, help="default: a temp dir, removed at the end")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

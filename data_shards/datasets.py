@@ -22,11 +22,14 @@ evaluation sorts the gathered predictions by video, so its metrics do not depend
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -67,6 +70,21 @@ def check_bad_fraction(data_cfg: DataConfig, manifest: pa.Table) -> None:
             f"{bad} of {listed} videos are quarantined ({bad / listed:.1%}), more than "
             f"max_bad_fraction = {data_cfg.max_bad_fraction}; see {data_cfg.quarantine_path()}"
         )
+
+
+def dataset_digest(manifest: pa.Table) -> str:
+    """16 hex digits of sha256 over what makes the dataset this one, wherever it lies: each
+    video's class, file name, size, frame count and subset. Runs on the same digest and
+    split were trained and tested on the same videos (the champion rule relies on it)."""
+    rows = zip(
+        manifest["label_name"].to_pylist(),
+        [PurePath(path).name for path in manifest["video_path"].to_pylist()],
+        manifest["size"].to_pylist(),
+        manifest["num_frames"].to_pylist(),
+        manifest["subset"].to_pylist(),
+        strict=True,
+    )
+    return hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()[:16]
 
 
 def subset_videos(manifest: pa.Table, subset: str) -> int:

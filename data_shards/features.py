@@ -297,8 +297,14 @@ def build_feature_cache(
         .to_arrow_refs()
     )
     index = pa.concat_tables(ray.get(results)).sort_by("video_id")
-    pq.write_table(index, cache_dir / INDEX_FILE)
-    (cache_dir / KEY_FILE).write_text(json.dumps(key, indent=2))
+    # Each file appears whole or not at all (a reader on another node never sees half of
+    # one); the key goes last, so a cache without it was never finished.
+    partial = cache_dir / f"{INDEX_FILE}.partial"
+    pq.write_table(index, partial)
+    partial.rename(cache_dir / INDEX_FILE)
+    partial = cache_dir / f"{KEY_FILE}.partial"
+    partial.write_text(json.dumps(key, indent=2))
+    partial.rename(cache_dir / KEY_FILE)
     return _info(cache_dir, index, key)
 
 

@@ -1,9 +1,9 @@
 """`jlstm`: the command line. Each layer registers its own commands; errors a user can fix
 end here as one line and an exit code, never a traceback.
 
-Exit codes: 0 done, 2 config error (or `jlstm plan`: does not fit), 3 tracking server
-unreachable, 4 data error (too many bad videos or clips, a stale cache), 130 a sweep
-stopped by Ctrl+C.
+Exit codes: 0 done, 2 config error or a missing file (or `jlstm plan`: does not fit), 3
+tracking server unreachable, 4 data error (too many bad videos or clips, a stale cache),
+5 the run name is being trained by another process, 130 a sweep stopped by Ctrl+C.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from data_shards.datasets import BadDataError
 from data_shards.features import StaleCacheError
 from orchestration.cli import add_run_commands
 from orchestration.config import ConfigError
+from orchestration.session import RunInUse
 from orchestration.tracking import TrackingUnavailable
 from tune_spaces.cli import add_tune_command
 
@@ -49,9 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"jlstm: config error: {err}", file=sys.stderr)
         return 2
+    except FileNotFoundError as err:
+        print(f"jlstm: {err}", file=sys.stderr)
+        return 2
     except TrackingUnavailable as err:
         print(f"jlstm: {err}", file=sys.stderr)
         return 3
     except (BadDataError, StaleCacheError) as err:
         print(f"jlstm: data error: {err}", file=sys.stderr)
         return 4
+    except RunInUse as err:
+        print(f"jlstm: {err}", file=sys.stderr)
+        return 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 from orchestration import tracking
@@ -37,6 +38,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from orchestration.trainer import train_splits
 
     cfg = load_config(args.config, args.overrides)
+    if args.new_run:  # a fresh run (and Ray Train folder) beside the one of this name
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        cfg = cfg.model_copy(update={"run_name": f"{cfg.resolved_run_name()}-{stamp}"})
     splits = args.splits or [args.split or cfg.data.split]
     print_results(train_splits(cfg, splits))
     return 0
@@ -194,6 +198,10 @@ def add_run_commands(commands: Any, data_commands: Any) -> None:
     which = train.add_mutually_exclusive_group()
     which.add_argument("--split", type=int, choices=(1, 2, 3), help="one official split")
     which.add_argument("--splits", type=_splits, help="several splits, e.g. 1,2,3 (averaged)")
+    train.add_argument(
+        "--new-run", action="store_true",
+        help="start a new run (the name gets a UTC timestamp) instead of resuming this one",
+    )
     train.set_defaults(func=_cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a logged model on every test clip")

@@ -65,6 +65,9 @@ class TrackingConfig(_Section):
 
     experiment: str = "jlstm"
     register_model: bool = True
+    registered_model: str | None = Field(
+        None, description="registry name; default jlstm-<dataset> (the demo: jlstm-demo)"
+    )
     attention_examples: int = Field(3, ge=0, description="test videos drawn as attention grids")
     system_metrics_interval_s: float | None = Field(
         10.0, gt=0, description="MLflow system metrics (CPU, memory, GPU) from every training "

@@ -7,6 +7,10 @@ workers, below) and `plan_run` (the one planner, `orchestration.resources`).
 from __future__ import annotations
 
 import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -50,3 +54,51 @@ def run_storage(cfg: JlstmConfig) -> str:
     """`cluster.storage_path` as Ray Train takes it: a URI as is, a local path absolute."""
     storage = cfg.cluster.storage_path
     return storage if "://" in storage else str(Path(storage).resolve())
+
+
+class RunInUse(RuntimeError):
+    """Another process is training this run name right now."""
+
+
+# Named actors of other jobs are visible only inside a namespace they share.
+LOCK_NAMESPACE = "jlstm-locks"
+
+
+@ray.remote(num_cpus=0)
+class _RunLock:
+    """Held while a run trains: its name is the lock, its state says who holds it."""
+
+    def __init__(self, holder: str) -> None:
+        self.holder = holder
+
+    def who(self) -> str:
+        return self.holder
+
+
+@contextmanager
+def run_lock(run_name: str) -> Iterator[None]:
+    """One writer per run name on the cluster: a named actor that only one process can
+    create. It belongs to this driver, so Ray removes it when the driver exits, however
+    it exits: a crashed run never leaves the name locked.
+
+    Raises:
+        RunInUse: another driver holds the name (the message says which host and pid).
+    """
+    name = f"run:{run_name}"
+    me = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}"
+    try:
+        lock = _RunLock.options(name=name, namespace=LOCK_NAMESPACE).remote(me)
+    except ValueError:  # the name is taken
+        try:
+            holder = ray.get(ray.get_actor(name, namespace=LOCK_NAMESPACE).who.remote())
+        except (ValueError, ray.exceptions.RayActorError):
+            holder = "a process that is just ending"
+        raise RunInUse(
+            f"run {run_name!r} is being trained by {holder}: wait for it to finish, or "
+            "start another run (--new-run, or --set run_name=...)"
+        ) from None
+    try:
+        ray.get(lock.who.remote())  # created, not only asked for
+        yield
+    finally:
+        ray.kill(lock)

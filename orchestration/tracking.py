@@ -26,6 +26,9 @@ import mlflow
 import numpy as np
 import ray.train
 import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -33,12 +36,13 @@ from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import model as model_package
-from data_shards.datasets import quarantine_table
+from data_shards.datasets import dataset_digest, load_manifest, quarantine_table
 from model import ModelConfig
 from orchestration import mlflow_model
-from orchestration.config import JlstmConfig, config_to_yaml
+from orchestration.config import ConfigError, JlstmConfig, config_to_yaml
 from orchestration.mlflow_model import LoadedModel, load_from_files
 from orchestration.train_loop import BAD_CLIPS_FILE
 
@@ -52,6 +56,7 @@ CHAMPION_ALIAS = "champion"
 SPLIT_TAG = "split"
 SCORE_TAG = "video_top1"
 TEST_VIDEOS_TAG = "test_videos"  # how many test videos the score covers
+DATASET_TAG = "dataset_digest"  # data_shards.datasets.dataset_digest of the run's manifest
 FRAME_INTERVAL_KEY = "frame_interval"  # in the MLmodel metadata
 # Packages the pyfunc needs at load time; pinned so the environment is reproducible, and
 # listed instead of inferred because inference loads the model in a subprocess (slow).
@@ -265,42 +270,64 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
     return dataclasses.replace(loaded, frame_interval=frame_interval)
 
 
-def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
-    """The version the `champion` alias points at, or None when there is none yet."""
-    aliases = client.get_registered_model(name).aliases
-    if CHAMPION_ALIAS not in aliases:
-        return None
-    return client.get_model_version(name, aliases[CHAMPION_ALIAS])
+def _beats(challenger: ModelVersion, holder: ModelVersion) -> bool:
+    """Whether `challenger` may take `champion` from `holder`: the same split and dataset
+    digest (the same test set), no fewer test videos scored, and a strictly higher video
+    top-1. A holder without a score tag compares as NaN, so it is kept."""
+    tags, held = challenger.tags, holder.tags
+    if any(tags.get(t) != held.get(t) for t in (SPLIT_TAG, DATASET_TAG)):
+        return False
+    if int(tags.get(TEST_VIDEOS_TAG, "0")) < int(held.get(TEST_VIDEOS_TAG, "0")):
+        return False
+    return float(tags.get(SCORE_TAG, "nan")) > float(held.get(SCORE_TAG, "nan"))
 
 
 def promote_if_better(
-    registered_name: str, version: str | int, *, split: int, video_top1: float, test_videos: int
+    registered_name: str,
+    version: str | int,
+    *,
+    split: int,
+    video_top1: float,
+    test_videos: int,
+    dataset_digest: str,
 ) -> bool:
-    """Tag a version with its split, video top-1 and the number of test videos scored; make
-    it `champion` if it beats the current one. Returns whether the alias moved.
+    """Tag a version with its split, dataset digest, video top-1 and the number of test
+    videos scored, then let `champion` climb to the best version; returns whether the alias
+    moved to this version.
 
-    The alias moves when there is no champion yet, or when the champion was evaluated on the
-    same split with a strictly lower video top-1 over no more test videos than this version.
-    A champion from another split (or without tags) stays: accuracies on different test sets
-    are not comparable. A version scored on fewer test videos (some failed to decode) never
-    replaces one scored on more: its accuracy leaves the hard videos out.
+    The alias only moves to a version that beats its holder (`_beats`): a champion on
+    another split or dataset digest stays, and a version scored on fewer test videos (some
+    failed to decode) never replaces one scored on more. MLflow has no compare-and-set, so
+    two runs promoting at once could each act on a stale read; every promoter therefore
+    re-reads after it moves the alias and moves it again until no tagged version beats the
+    holder. All versions are tagged before any promoter compares, so whichever writes the
+    alias last sees every tag and leaves the best version as champion.
     """
     client = MlflowClient()
     version = str(version)
-    client.set_model_version_tag(registered_name, version, SPLIT_TAG, str(split))
-    client.set_model_version_tag(registered_name, version, SCORE_TAG, repr(float(video_top1)))
-    client.set_model_version_tag(registered_name, version, TEST_VIDEOS_TAG, str(test_videos))
-    champion = _champion(client, registered_name)
-    if champion is not None:
-        if champion.version == version or champion.tags.get(SPLIT_TAG) != str(split):
-            return False
-        if test_videos < int(champion.tags.get(TEST_VIDEOS_TAG, "0")):
-            return False
-        # A champion without a score tag compares as NaN, so it is kept.
-        if not video_top1 > float(champion.tags.get(SCORE_TAG, "nan")):
-            return False
-    client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, version)
-    return True
+    tags = {SPLIT_TAG: str(split), SCORE_TAG: repr(float(video_top1)),
+            TEST_VIDEOS_TAG: str(test_videos), DATASET_TAG: dataset_digest}
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    def holder() -> str | None:  # the alias's version, as a string whatever the store gives
+        held = client.get_registered_model(registered_name).aliases.get(CHAMPION_ALIAS)
+        return None if held is None else str(held)
+
+    first_holder = holder()
+    while True:
+        versions = {
+            str(v.version): v
+            for v in client.search_model_versions(f"name = '{registered_name}'")
+        }
+        current = holder()
+        if current not in versions:  # no champion yet (or its version was deleted)
+            client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, version)
+            continue
+        challengers = [v for v in versions.values() if _beats(v, versions[current])]
+        if not challengers:
+            return current == version != first_holder
+        best = max(challengers, key=lambda v: float(v.tags[SCORE_TAG]))
+        client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, best.version)
 
 
 # One run's lifecycle: found or created by its run name, inputs, per-epoch metrics.
@@ -310,15 +337,25 @@ FINISHED_TAG = "jlstm.finished_epoch"
 VERSION_TAG = "jlstm.model_version"
 
 
-def start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -> str:
-    """The MLflow run of this run name: resumed when it exists, so a re-run continues it."""
-    client = MlflowClient()
-    name = cfg.resolved_run_name()
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1
+def find_run(cfg: JlstmConfig, experiment_id: str) -> str | None:
+    """The id of the MLflow run of this run name, if one exists."""
+    found = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.resolved_run_name()}'",
+        max_results=1,
     )
-    if found:
-        return found[0].info.run_id
+    return found[0].info.run_id if found else None
+
+
+def start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -> str:
+    """The MLflow run of this run name: resumed when it exists (RUNNING again), so a re-run
+    continues it; else created."""
+    client = MlflowClient()
+    run_id = find_run(cfg, experiment_id)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    name = cfg.resolved_run_name()
     tags = {
         RUN_NAME_TAG: name,
         "dataset": cfg.data.dataset,
@@ -330,18 +367,65 @@ def start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -
     return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
 
+# Keys a resumed run may change: where and how it runs and is tracked, not what it learns.
+RESUMABLE_PREFIXES = ("cluster.", "tracking.", "run_name")
+
+
+def check_same_config(cfg: JlstmConfig, run_id: str) -> None:
+    """Refuse to resume run `run_id` with a config that differs from the one it logged.
+
+    MLflow params cannot change, and a checkpoint trained under other settings would be
+    continued as if nothing changed. ConfigError lists the differing keys.
+    """
+    logged = MlflowClient().get_run(run_id).data.params
+    wanted = flatten_params(cfg.model_dump(mode="json"))
+    differ = sorted(
+        key for key, value in wanted.items()
+        if key in logged and logged[key] != value and not key.startswith(RESUMABLE_PREFIXES)
+    )
+    if differ:
+        details = "; ".join(f"{k}: run has {logged[k]}, config has {wanted[k]}" for k in differ)
+        raise ConfigError(
+            f"run {cfg.resolved_run_name()!r} exists with another config ({details}): "
+            "re-run with its config to resume it, or add --new-run to start a new run"
+        )
+
+
+def end_run(run_id: str, status: str) -> None:
+    """Mark a run FINISHED or FAILED; best effort (the server may be the thing that failed)."""
+    try:
+        MlflowClient().set_terminated(run_id, status)
+    except Exception as err:  # ending the run must not hide the error that ended it
+        warnings.warn(f"could not mark MLflow run {run_id} {status}: {err}", stacklevel=2)
+
+
 class MlflowEpochLogger(ray.train.UserCallback):
-    """Logs each reported epoch to MLflow from the Train controller, so workers never wait."""
+    """Logs each reported epoch to MLflow from the Train controller, so workers never wait.
+
+    A tracking server that does not answer does not stop training: the epoch's metrics are
+    in the checkpoint's history (`TrainState.history`), and `log_missing_epochs` sends
+    whatever is missing when the run finishes or is re-run. MLflow's client would retry a
+    dead server for minutes inside the controller, so the controller process retries less.
+    """
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
-        self.log_epoch(metrics[0])
-        failed = metrics[0].get("train_bad_clips", 0) + metrics[0].get("val_bad_clips", 0)
-        if failed and checkpoint is not None:
-            self.log_bad_clips(checkpoint, int(metrics[0]["epoch"]))
+        os.environ.update(CONTROLLER_HTTP_RETRIES)
+        epoch = int(metrics[0].get("epoch", 0))
+        try:
+            log_epoch(self.tracking_uri, self.run_id, metrics[0])
+            failed = metrics[0].get("train_bad_clips", 0) + metrics[0].get("val_bad_clips", 0)
+            if failed and checkpoint is not None:
+                self.log_bad_clips(checkpoint, epoch)
+        except Exception as err:  # any client or connection error
+            warnings.warn(
+                f"MLflow did not take epoch {epoch} ({type(err).__name__}: {err}); it is kept "
+                "in the checkpoint and sent when the run finishes or is re-run",
+                stacklevel=2,
+            )
 
     def log_bad_clips(self, checkpoint: ray.train.Checkpoint, epoch: int) -> None:
         """The epoch's failed clips as artifact `bad_clips/epoch_<NNN>.csv`."""
@@ -350,20 +434,39 @@ class MlflowEpochLogger(ray.train.UserCallback):
             named.write_bytes((Path(ckpt_dir) / BAD_CLIPS_FILE).read_bytes())
             MlflowClient(self.tracking_uri).log_artifact(self.run_id, str(named), "bad_clips")
 
-    def log_epoch(self, metrics: dict[str, Any]) -> None:
-        """The numeric metrics of one epoch's report, at step = its epoch."""
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        client = MlflowClient(self.tracking_uri)
-        step = int(numeric.get("epoch", 0))
-        now_ms = int(time.time() * 1000)
-        client.log_batch(
-            self.run_id,
-            metrics=[mlflow.entities.Metric(k, v, now_ms, step) for k, v in numeric.items()],
-        )
+
+# MLflow's defaults (7 retries, 120 s timeout) would hold the Train controller for minutes.
+CONTROLLER_HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
-def log_run_inputs(cfg: JlstmConfig, run_id: str, model_cfg: ModelConfig) -> None:
-    """Params (the flattened config), the config YAML and the quarantine table."""
+def log_epoch(tracking_uri: str, run_id: str, metrics: dict[str, Any]) -> None:
+    """The numeric metrics of one epoch's report, at step = its epoch, in one request."""
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    step = int(numeric.get("epoch", 0))
+    now_ms = int(time.time() * 1000)
+    MlflowClient(tracking_uri).log_batch(
+        run_id, metrics=[mlflow.entities.Metric(k, v, now_ms, step) for k, v in numeric.items()]
+    )
+
+
+def log_missing_epochs(run_id: str, history: list[dict[str, float]]) -> int:
+    """Send the epochs of `history` MLflow does not have yet (after a tracking outage, or
+    for a run re-run after it); returns how many. Each epoch is one atomic request, and
+    one found logged is never sent again, so every epoch is logged exactly once."""
+    client = MlflowClient()
+    logged = {m.step for m in client.get_metric_history(run_id, "epoch")}
+    missing = [epoch for epoch in history if int(epoch["epoch"]) not in logged]
+    for epoch in missing:
+        log_epoch(mlflow.get_tracking_uri(), run_id, epoch)
+    return len(missing)
+
+
+def log_run_inputs(cfg: JlstmConfig, run_id: str, model_cfg: ModelConfig) -> str:
+    """Params (the flattened config), the config YAML, the quarantine table, and the
+    manifest as the run's MLflow dataset input; returns the dataset digest."""
+    digest = log_dataset(cfg, run_id)
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.yaml"
@@ -378,3 +481,23 @@ def log_run_inputs(cfg: JlstmConfig, run_id: str, model_cfg: ModelConfig) -> Non
     for key, value in params.items():
         if key not in existing:
             client.log_param(run_id, key, value)
+    return digest
+
+
+def log_dataset(cfg: JlstmConfig, run_id: str) -> str:
+    """The run's manifest as an MLflow dataset input (name, digest, source); returns the
+    digest. Only metadata is logged: the manifest file stays where it is."""
+    path = cfg.data.manifest_path().resolve()
+    digest = dataset_digest(load_manifest(cfg.data))
+    dataset = MetaDataset(
+        resolve_dataset_source(path.as_uri()),
+        name=f"{cfg.data.dataset}-split{cfg.data.split}",
+        digest=digest,
+    )
+    context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="train+test")
+    logged = {d.dataset.digest for d in MlflowClient().get_run(run_id).inputs.dataset_inputs}
+    if digest not in logged:  # a resumed run logs its dataset once
+        MlflowClient().log_inputs(
+            run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])]
+        )
+    return digest

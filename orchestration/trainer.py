@@ -25,20 +25,22 @@ from data_shards.datasets import (
     BadDataError,
     ClipReader,
     build_datasets,
+    check_bad_fraction,
     clip_readers,
     load_manifest,
     subset_videos,
 )
+from data_shards.features import check_cache
 from data_shards.index import ensure_index
 from data_shards.splits import class_names
 from model import JointAttentionNet, ModelConfig
 from orchestration import tracking
 from orchestration.attention_examples import attention_examples
 from orchestration.checkpoint import TrainState
-from orchestration.config import JlstmConfig
+from orchestration.config import ConfigError, JlstmConfig
 from orchestration.plots import plot_loss_curves
 from orchestration.resources import ResourcePlan
-from orchestration.session import init_ray, plan_run, run_storage
+from orchestration.session import init_ray, plan_run, run_lock, run_storage
 from orchestration.train_loop import (
     BAD_CLIPS_FILE,
     EVAL_DIR,
@@ -160,19 +162,52 @@ def build_trainer(
 
 
 def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResult:
-    """Train and evaluate one split; everything lands in one MLflow run."""
+    """Train and evaluate one split; everything lands in one MLflow run.
+
+    What can be checked before Ray starts is (`preflight`, and that an existing run of
+    this name logged the same config). The run name is then locked on the cluster
+    (one writer), and a run that fails ends FAILED in MLflow.
+    """
+    preflight(cfg)
     uri = tracking.connect()
     experiment_id = tracking.get_or_create_experiment(cfg.tracking.experiment)
+    existing = tracking.find_run(cfg, experiment_id)
+    if existing is not None:
+        tracking.check_same_config(cfg, existing)
     init_ray()
-    plan = plan_run(cfg)
-    data = prepare_data(cfg)
-    run_id = tracking.start_run(cfg, experiment_id, parent_run_id)
-    tracking.log_run_inputs(cfg, run_id, data.model_cfg)
-    result = build_trainer(cfg, data, plan, [tracking.MlflowEpochLogger(uri, run_id)], run_id).fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {cfg.resolved_run_name()!r} finished without a checkpoint")
-    check_bad_clips(cfg, run_id, result)
-    return finish_run(cfg, run_id, result.checkpoint, data)
+    with run_lock(cfg.resolved_run_name()):
+        run_id = tracking.start_run(cfg, experiment_id, parent_run_id)
+        try:
+            plan = plan_run(cfg)
+            data = prepare_data(cfg)
+            digest = tracking.log_run_inputs(cfg, run_id, data.model_cfg)
+            callbacks = [tracking.MlflowEpochLogger(uri, run_id)]
+            result = build_trainer(cfg, data, plan, callbacks, run_id).fit()
+            if result.checkpoint is None:
+                raise RuntimeError(f"run {cfg.resolved_run_name()!r} ended without a checkpoint")
+            check_bad_clips(cfg, run_id, result)
+            return finish_run(cfg, run_id, result.checkpoint, data, digest)
+        except BaseException:
+            tracking.end_run(run_id, "FAILED")
+            raise
+
+
+def preflight(cfg: JlstmConfig) -> None:
+    """The data errors that can be known before Ray and MLflow start: no dataset folder
+    (ConfigError), too many quarantined videos (BadDataError), a stale or missing feature
+    cache (StaleCacheError)."""
+    manifest = cfg.data.manifest_path()
+    if not manifest.is_file():
+        if not Path(cfg.data.root).is_dir():
+            raise ConfigError(
+                f"data.root = {cfg.data.root!r} is not a folder and there is no manifest at "
+                f"{manifest}: set data.root to the dataset's folder"
+            )
+        return  # indexed when the run starts
+    table = load_manifest(cfg.data)
+    check_bad_fraction(cfg.data, table)
+    if cfg.data.use_feature_cache:
+        check_cache(cfg.data, cfg.resolve_model(len(class_names(manifest))), table)
 
 
 def check_bad_clips(cfg: JlstmConfig, run_id: str, result: ray.train.Result) -> None:
@@ -185,7 +220,6 @@ def check_bad_clips(cfg: JlstmConfig, run_id: str, result: ray.train.Result) -> 
     with result.checkpoint.as_directory() as ckpt_dir:
         failures = pacsv.read_csv(Path(ckpt_dir) / BAD_CLIPS_FILE).to_pylist()
     first = next(f for f in failures if f["subset"] == "train")
-    MlflowClient().set_terminated(run_id, "FAILED")
     raise BadDataError(
         f"epoch {epoch}: {int(result.metrics['train_bad_clips'])} training clips "
         f"({fraction:.1%}) failed, more than data.max_bad_fraction = "
@@ -197,14 +231,17 @@ def check_bad_clips(cfg: JlstmConfig, run_id: str, result: ray.train.Result) -> 
 
 
 def finish_run(
-    cfg: JlstmConfig, run_id: str, checkpoint: ray.train.Checkpoint, data: PreparedData
+    cfg: JlstmConfig, run_id: str, checkpoint: ray.train.Checkpoint, data: PreparedData,
+    dataset_digest: str,
 ) -> SplitResult:
-    """Log the last epoch's evaluation, plots and the model; move the champion alias."""
+    """Send any epoch MLflow missed; log the last epoch's evaluation, plots and the model;
+    move the champion alias among versions of the same dataset digest and split."""
     client = MlflowClient()
     tags = client.get_run(run_id).data.tags
     with checkpoint.as_directory() as ckpt_dir:
         state = TrainState.load(Path(ckpt_dir))
         history = state.history
+        tracking.log_missing_epochs(run_id, history)
         final = {k: float(v) for k, v in history[-1].items() if isinstance(v, int | float)}
         if tags.get(tracking.FINISHED_TAG) == str(state.epoch):
             log.info("run %s already finished at epoch %d: nothing to log", run_id, state.epoch)
@@ -221,11 +258,11 @@ def finish_run(
 
     version, promoted = None, False
     with mlflow.start_run(run_id=run_id):
-        registered = (
-            tracking.registered_model_name(cfg.data.dataset)
-            if cfg.tracking.register_model
-            else None
-        )
+        registered = None
+        if cfg.tracking.register_model:
+            registered = cfg.tracking.registered_model or tracking.registered_model_name(
+                cfg.data.dataset
+            )
         info = tracking.log_model(
             net, net.cfg, data.class_names, registered_model_name=registered,
             frame_interval=cfg.data.frame_interval,
@@ -236,6 +273,7 @@ def finish_run(
                 registered, version, split=cfg.data.split,
                 video_top1=final["val_video_top1_vote"],
                 test_videos=int(final["val_videos_scored"]),
+                dataset_digest=dataset_digest,
             )
             mlflow.set_tag(tracking.VERSION_TAG, version)
         mlflow.set_tag(tracking.FINISHED_TAG, str(state.epoch))
@@ -243,27 +281,36 @@ def finish_run(
 
 
 def train_splits(cfg: JlstmConfig, splits: list[int]) -> list[SplitResult]:
-    """One run per split; with several, a parent run holds their average (the paper's rows)."""
+    """One run per split; with several, a parent run holds their average (the paper's rows)
+    and ends with its children (FAILED if one failed). A given run_name names the parent;
+    the children are `<run_name>-split<N>`."""
     if len(splits) == 1:
         return [train_split(cfg.model_copy(update={"data": _with_split(cfg, splits[0])}))]
     tracking.connect()
     experiment_id = tracking.get_or_create_experiment(cfg.tracking.experiment)
-    parent_cfg = cfg.model_copy(
-        update={"run_name": f"{cfg.data.dataset}-splits{'+'.join(map(str, splits))}-{cfg.variant}"}
-    )
+    default = f"{cfg.data.dataset}-splits{'+'.join(map(str, splits))}-{cfg.variant}"
+    parent_cfg = cfg.model_copy(update={"run_name": cfg.run_name or default})
     parent_id = tracking.start_run(parent_cfg, experiment_id, None)
-    results = [
-        train_split(
-            cfg.model_copy(update={"data": _with_split(cfg, split), "run_name": None}),
-            parent_run_id=parent_id,
-        )
-        for split in splits
-    ]
+    try:
+        results = [
+            train_split(
+                cfg.model_copy(update={
+                    "data": _with_split(cfg, split),
+                    "run_name": f"{cfg.run_name}-split{split}" if cfg.run_name else None,
+                }),
+                parent_run_id=parent_id,
+            )
+            for split in splits
+        ]
+    except BaseException:
+        tracking.end_run(parent_id, "FAILED")
+        raise
     client = MlflowClient()
     for key in results[0].metrics:
         if key.startswith("val_"):
             average = float(np.mean([r.metrics[key] for r in results]))
             client.log_metric(parent_id, f"avg_{key}", average)
+    tracking.end_run(parent_id, "FINISHED")
     return results
 
 

@@ -39,12 +39,13 @@ def _wait_healthy(uri: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_mlflow_server(tmp_dir: str | Path) -> Iterator[str]:
-    """Start `mlflow server` (SQLite backend, proxied artifacts under tmp_dir) on a free
-    loopback port; yield its `http://127.0.0.1:<port>` URI; stop it on exit."""
+def running_mlflow_server(tmp_dir: str | Path, port: int | None = None) -> Iterator[str]:
+    """Start `mlflow server` (SQLite backend, proxied artifacts under tmp_dir) on `port` (a
+    free loopback port by default); yield its `http://127.0.0.1:<port>` URI; stop it on
+    exit. The same tmp_dir and port start the same server again (an outage's end)."""
     tmp = Path(tmp_dir)
     tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     command = [

@@ -126,7 +126,8 @@ def test_champion_moves_only_on_improvement(
 
     def promote(version: str, split: int, top1: float, videos: int = 100) -> bool:
         return tracking.promote_if_better(
-            name, version, split=split, video_top1=top1, test_videos=videos
+            name, version, split=split, video_top1=top1, test_videos=videos,
+            dataset_digest="d1",
         )
 
     assert promote(versions[0], 1, 0.5)  # first
@@ -141,7 +142,9 @@ def test_champion_moves_only_on_improvement(
     assert promote(versions[6], 1, 0.7, videos=101)  # better on more videos
     assert champion() == versions[6]
     tags = client.get_model_version(name, versions[2]).tags
-    assert tags == {"split": "1", "video_top1": "0.55", "test_videos": "100"}
+    assert tags == {
+        "split": "1", "video_top1": "0.55", "test_videos": "100", "dataset_digest": "d1"
+    }
 
 
 def test_default_store_is_sqlite_under_runs(
@@ -207,7 +210,8 @@ def test_log_register_and_load_through_a_real_server(
             info = tracking.log_model(net, net.cfg, CLASS_NAMES, registered_model_name=REGISTERED)
         version = info.registered_model_version
         assert tracking.promote_if_better(
-            REGISTERED, version, split=1, video_top1=0.75, test_videos=10
+            REGISTERED, version, split=1, video_top1=0.75, test_videos=10,
+            dataset_digest="d1",
         )
         loaded = tracking.load_model(f"models:/{REGISTERED}@{tracking.CHAMPION_ALIAS}")
         assert_same_outputs(net, loaded.net)
