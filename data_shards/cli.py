@@ -36,19 +36,53 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    """Write the synthetic dataset and say where."""
-    from data_shards.synth import synthesize_dataset
+    """Write the synthetic dataset (class grid, or one video per listed video) and say where."""
+    from data_shards.splits import parse_ucf101_splits
+    from data_shards.synth import synthesize_dataset, synthesize_from_splits
 
-    out = synthesize_dataset(
+    if args.splits_from is None:
+        if args.every is not None:
+            print("--every needs --splits-from", file=sys.stderr)
+            return 2
+        classes, per_class = args.classes or 4, args.videos_per_class or 6
+        out = synthesize_dataset(
+            args.out,
+            layout=args.layout,
+            classes=classes,
+            videos_per_class=per_class,
+            seed=args.seed,
+            frame_size=args.frame_size,
+            num_frames=args.num_frames,
+        )
+        print(f"wrote {classes * per_class} videos ({args.layout} layout) to {out}")
+        return 0
+    # The lists decide classes, videos and layout: a flag that would too is refused, not
+    # silently overridden.
+    clashes = [
+        flag
+        for flag, given in (
+            ("--classes", args.classes is not None),
+            ("--videos-per-class", args.videos_per_class is not None),
+            ("--layout", args.layout != "ucf101"),
+        )
+        if given
+    ]
+    if clashes:
+        print(
+            f"--splits-from sets classes, videos and layout: drop {', '.join(clashes)}",
+            file=sys.stderr,
+        )
+        return 2
+    out = synthesize_from_splits(
         args.out,
-        layout=args.layout,
-        classes=args.classes,
-        videos_per_class=args.videos_per_class,
+        args.splits_from,
+        every=args.every or 1,
         seed=args.seed,
         frame_size=args.frame_size,
         num_frames=args.num_frames,
     )
-    print(f"wrote {args.classes * args.videos_per_class} videos ({args.layout} layout) to {out}")
+    videos = len(parse_ucf101_splits(out / "ucfTrainTestlist", 1))  # each split lists all
+    print(f"wrote {videos} videos (ucf101 layout, lists of {args.splits_from}) to {out}")
     return 0
 
 
@@ -86,8 +120,21 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     synth = subparsers.add_parser("synth", help="write a synthetic motion-only dataset")
     synth.add_argument("--out", required=True)
     synth.add_argument("--layout", default="ucf101", choices=["ucf101", "hmdb51"])
-    synth.add_argument("--classes", type=int, default=4)
-    synth.add_argument("--videos-per-class", type=int, default=6)
+    synth.add_argument("--classes", type=int, default=None, help="default 4")
+    synth.add_argument("--videos-per-class", type=int, default=None, help="default 6")
+    synth.add_argument(
+        "--splits-from",
+        default=None,
+        help="a UCF101 split-list folder (classInd.txt, train/testlist0N.txt): one video per "
+        "listed video, at its path, and these lists (tests/fixtures/ucfTrainTestlist: "
+        "UCF101's 13,320 videos; --frame-size 32 --num-frames 4 writes them in minutes)",
+    )
+    synth.add_argument(
+        "--every",
+        type=int,
+        default=None,
+        help="with --splits-from: keep every n-th listed video (10: 1,332 of UCF101's)",
+    )
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--frame-size", type=int, default=64)
     synth.add_argument("--num-frames", type=int, default=48)

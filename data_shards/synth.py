@@ -2,16 +2,21 @@
 
 Every file is a real MPEG-4 Part 2 stream in an AVI container (what UCF101 ships), written
 with PyAV, so the whole pipeline (probe, decord decode, resize) runs on the real code path.
+`synthesize_from_splits` writes one such video for every entry of real UCF101 split lists,
+so the index, the cache and the clip stream can be run at UCF101's video count.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
 
 import av
 import numpy as np
+
+from data_shards.splits import ucf101_class_names
 
 FPS = 25
 # Directions (dy, dx) at speed 1; classes are direction x speed. Speeds are pixels per frame
@@ -32,6 +37,12 @@ MAX_CLASSES = len(_DIRECTIONS) * len(_SPEEDS)
 # unique backgrounds per video let a model memorize videos instead of learning motion).
 _POOL_SIZE = 6
 
+# Many-class motion (split lists of up to hundreds of classes): class k moves by the k-th
+# shortest non-zero integer vector (a, b) times this many pixels per frame at 64 px, so
+# any two classes differ by at least 1 px per frame at a 32 px frame.
+_GRID_STEP = 2.0
+SPLIT_FILES = ("classInd.txt", *(f"{s}list0{n}.txt" for s in ("train", "test") for n in (1, 2, 3)))
+
 UCF_GROUPS = 25  # UCF101 groups g01..g25; testlistNN holds groups 7(N-1)+1 .. 7N
 
 
@@ -45,6 +56,19 @@ def _class_specs(classes: int) -> list[tuple[str, float, float]]:
         for direction, (dy, dx) in _DIRECTIONS.items()
     ]
     return specs[:classes]
+
+
+def _grid_velocities(classes: int) -> list[tuple[float, float]]:
+    """(dy, dx) per frame at 64 px of `classes` classes: integer vectors by length, then angle."""
+    radius = math.isqrt(classes) + 1  # a disc of this radius holds more than `classes` points
+    vectors = [
+        (a, b)
+        for a in range(-radius, radius + 1)
+        for b in range(-radius, radius + 1)
+        if (a, b) != (0, 0)
+    ]
+    vectors.sort(key=lambda v: (v[0] ** 2 + v[1] ** 2, math.atan2(v[0], v[1])))
+    return [(a * _GRID_STEP, b * _GRID_STEP) for a, b in vectors[:classes]]
 
 
 def _pools(size: int, seed: int) -> dict[str, list]:
@@ -196,6 +220,60 @@ def synthesize_dataset(
                 (split_dir / f"{name.lower()}_test_split{split}.txt").write_bytes(
                     _crlf(lines).encode()
                 )
+    return out
+
+
+def _listed_path(line: bytes) -> str:
+    """The video path of a split-file line ("Class/v_Class_g01_c01.avi[ label]")."""
+    return line.split()[0].decode()
+
+
+def synthesize_from_splits(
+    out_dir: str | os.PathLike,
+    splits_dir: str | os.PathLike,
+    *,
+    every: int = 1,
+    seed: int = 0,
+    frame_size: int = 32,
+    num_frames: int = 4,
+) -> Path:
+    """One synthetic video per video of UCF101-style split lists, at its listed path.
+
+    `splits_dir` holds classInd.txt and train/testlist0{1,2,3}.txt (the publisher's, e.g.
+    tests/fixtures/ucfTrainTestlist: 13,320 videos, 101 classes). Writes
+    out/UCF-101/<path> for every listed video (a video's class is its folder, as the index
+    reads it) and out/ucfTrainTestlist/ with the lists' lines for those videos, byte for
+    byte. `every` > 1 keeps every `every`-th video of the sorted listed paths and drops the
+    others from all six lists, so each split still lists each kept video once. A video's
+    content depends on `seed` and its place in the full list only: the subset's videos are
+    the full set's. Returns `out_dir`, which `index_videos` accepts as the dataset root.
+    """
+    if every < 1:
+        raise ValueError(f"every = {every} is not allowed: choose 1 or more")
+    source, out = Path(splits_dir), Path(out_dir)
+    lists = {name: (source / name).read_bytes().splitlines(keepends=True) for name in SPLIT_FILES}
+    label_of = {name: k for k, name in enumerate(ucf101_class_names(source))}
+    listed = sorted(
+        {_listed_path(line) for name in SPLIT_FILES[1:] for line in lists[name] if line.strip()}
+    )
+    kept = set(listed[::every])
+    velocities = _grid_velocities(len(label_of))
+    pools = _pools(frame_size, seed)
+    scale = frame_size / 64
+    for position, rel in enumerate(listed):
+        if rel not in kept:
+            continue
+        dy, dx = velocities[label_of[rel.split("/")[0]]]
+        look = _pick_look(pools, np.random.default_rng([seed, 2, position]))
+        frames = _motion_frames(num_frames, frame_size, dy * scale, dx * scale, look)
+        write_video(out / "UCF-101" / rel, frames)
+    # The lists are written last, so a folder that has them holds every video they list.
+    split_dir = out / "ucfTrainTestlist"
+    split_dir.mkdir(parents=True, exist_ok=True)
+    (split_dir / "classInd.txt").write_bytes(b"".join(lists["classInd.txt"]))
+    for name in SPLIT_FILES[1:]:
+        lines = [line for line in lists[name] if line.strip() and _listed_path(line) in kept]
+        (split_dir / name).write_bytes(b"".join(lines))
     return out
 
 

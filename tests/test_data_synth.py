@@ -11,10 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from data_shards.config import DataConfig
+from data_shards.index import list_entries, probe_video
 from data_shards.splits import parse_hmdb51_splits, parse_ucf101_splits
-from data_shards.synth import synthesize_dataset
+from data_shards.synth import (
+    SPLIT_FILES,
+    _grid_velocities,
+    synthesize_dataset,
+    synthesize_from_splits,
+)
 
 REPO = Path(__file__).resolve().parents[1]
+UCF_LISTS = REPO / "tests" / "fixtures" / "ucfTrainTestlist"
+UCF_VIDEOS = 13_320
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -96,3 +105,99 @@ def test_cli_synth_then_index(ray_cluster: None, tmp_path: Path) -> None:
 def test_synth_refuses_a_class_count_it_cannot_make(tmp_path: Path, classes: int) -> None:
     with pytest.raises(ValueError, match=f"classes={classes} is not allowed: choose 1..16"):
         synthesize_dataset(tmp_path, classes=classes)
+
+
+def test_synth_from_splits_keeps_a_consistent_subset_of_the_real_lists(tmp_path: Path) -> None:
+    root = synthesize_from_splits(tmp_path / "a", UCF_LISTS, every=200, num_frames=3)
+    out = root / "ucfTrainTestlist"
+    assert (out / "classInd.txt").read_bytes() == (UCF_LISTS / "classInd.txt").read_bytes()
+    for name in SPLIT_FILES[1:]:  # the publisher's lines, bytes and order, for kept videos
+        original = (UCF_LISTS / name).read_bytes().splitlines(keepends=True)
+        kept = (out / name).read_bytes().splitlines(keepends=True)
+        assert kept and set(kept) <= set(original)
+        assert kept == [line for line in original if line in set(kept)]
+    videos = -(-UCF_VIDEOS // 200)
+    for split in (1, 2, 3):  # every kept video, once per split, train or test
+        entries = parse_ucf101_splits(out, split)
+        assert len({e.path for e in entries}) == len(entries) == videos
+        assert {e.subset for e in entries} == {"train", "test"}
+        assert all((root / "UCF-101" / e.path).is_file() for e in entries)
+    assert probe_video(str(root / "UCF-101" / entries[0].path))["num_frames"] == 3
+    # A video is the same in any subset that keeps it (every 400th is in every 200th).
+    half = synthesize_from_splits(tmp_path / "b", UCF_LISTS, every=400, num_frames=3)
+    assert _files(half / "UCF-101").items() <= _files(root / "UCF-101").items()
+    assert _files(synthesize_from_splits(tmp_path / "c", UCF_LISTS, every=400, num_frames=3)) == (
+        _files(half)
+    )
+
+
+def test_synth_from_splits_gives_every_class_its_own_motion() -> None:
+    velocities = _grid_velocities(101)
+    assert len(set(velocities)) == 101 and (0.0, 0.0) not in velocities
+    # Classes differ by at least 1 px per frame at a 32 px frame (2 px at the 64 px scale).
+    assert (
+        min(
+            max(abs(a[0] - b[0]), abs(a[1] - b[1]))
+            for i, a in enumerate(velocities)
+            for b in velocities[:i]
+        )
+        == 2.0
+    )
+
+
+@pytest.mark.slow
+def test_cli_synth_from_splits_at_ucf101_video_count(tmp_path: Path) -> None:
+    """All of UCF101's listed videos, in the publisher's layout, as the index lists them."""
+    synth = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_shards.cli",
+            "synth",
+            "--out",
+            str(tmp_path),
+            "--splits-from",
+            str(UCF_LISTS),
+            "--frame-size",
+            "32",
+            "--num-frames",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert synth.returncode == 0, synth.stderr
+    assert f"wrote {UCF_VIDEOS} videos" in synth.stdout
+    for split in (1, 2, 3):
+        entries, names = list_entries(DataConfig(dataset="ucf101", root=str(tmp_path), split=split))
+        assert len(entries) == UCF_VIDEOS and len(names) == 101
+        assert len({e.label for e in entries}) == 101
+        assert all((tmp_path / "UCF-101" / e.path).is_file() for e in entries)
+    # HandstandPushups/ holds v_HandStandPushups_* files: the real paths are kept as listed.
+    assert (tmp_path / "UCF-101/HandstandPushups/v_HandStandPushups_g01_c01.avi").is_file()
+    assert probe_video(str(tmp_path / "UCF-101" / entries[-1].path))["num_frames"] == 2
+
+
+def test_cli_synth_refuses_flags_the_split_lists_decide(tmp_path: Path) -> None:
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_shards.cli",
+            "synth",
+            "--out",
+            str(tmp_path),
+            "--splits-from",
+            str(UCF_LISTS),
+            "--classes",
+            "3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "drop --classes" in refused.stderr
+    assert not (tmp_path / "UCF-101").exists()
