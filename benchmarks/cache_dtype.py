@@ -32,11 +32,11 @@ import ray
 from machine import load_average, machine_info
 from variants import CACHE_TAPS, DEMO_CONFIG, train_variant
 
+from data_shards.cluster import init_ray
 from data_shards.features import build_feature_cache, cache_file, scale_file
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
 from orchestration.config import load_config
-from orchestration.session import init_ray
 
 DTYPES = ("float16", "uint8")
 

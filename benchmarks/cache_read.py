@@ -37,13 +37,13 @@ import ray
 import torch
 from machine import load_average, machine_info
 
+from data_shards.cluster import RAY_NODE_ENV
 from data_shards.config import DataConfig
 from data_shards.datasets import ClipReader, build_datasets, clip_readers, iter_clip_batches
 from data_shards.features import build_feature_cache
 from data_shards.index import index_videos
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig
-from orchestration.session import RAY_NODE_ENV
 
 MB = 1e6
 

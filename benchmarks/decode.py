@@ -24,14 +24,15 @@ import ray
 from machine import load_average
 
 from data_shards.clips import clip_table
+from data_shards.cluster import RAY_NODE_ENV
 from data_shards.config import DataConfig
-from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches, load_manifest
+from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches
 from data_shards.decode import open_reader, read_clip
 from data_shards.features import build_feature_cache
 from data_shards.index import index_videos
+from data_shards.manifest import load_manifest
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig
-from orchestration.session import RAY_NODE_ENV
 
 BATCH = 32  # clips per batch a training worker asks for
 

@@ -27,6 +27,7 @@ from typing import Any
 import ray
 from machine import load_average, machine_info
 
+from data_shards.cluster import init_ray
 from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
 from data_shards.sizing import data_size
@@ -36,7 +37,6 @@ from model import JointAttentionNet
 from orchestration.config import JlstmConfig, load_config
 from orchestration.demo import DEMO_CLASSES, DEMO_CONFIG, DEMO_VIDEOS_PER_CLASS
 from orchestration.inference import evaluate_distributed
-from orchestration.session import init_ray
 
 
 def prepare(workdir: Path, videos_per_class: int) -> JlstmConfig:

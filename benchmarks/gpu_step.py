@@ -303,9 +303,10 @@ def prepare_pipeline(
 ) -> tuple[dict[str, Source], dict[str, Any]]:
     """Synthesize and index a dataset big enough for the steps, build the feature cache."""
     from data_shards.clips import clip_starts
-    from data_shards.datasets import build_datasets, clip_readers, load_manifest, subset_clips
+    from data_shards.datasets import build_datasets, clip_readers, subset_clips
     from data_shards.features import build_feature_cache
     from data_shards.index import ensure_index
+    from data_shards.manifest import load_manifest
     from data_shards.synth import synthesize_dataset
 
     model_cfg = model_cfgs["cached_taps"]
@@ -406,7 +407,7 @@ def main() -> None:
     if args.pipeline:  # Ray, decord and PyAV only here: --no-pipeline needs torch alone
         import ray
 
-        from orchestration.session import RAY_NODE_ENV
+        from data_shards.cluster import RAY_NODE_ENV
     try:
         if args.pipeline:
             # Before any CUDA work here: the cache's VGG16 actor gets the GPU to itself.

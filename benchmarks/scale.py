@@ -137,12 +137,12 @@ def measure(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Index, cache and one epoch each way of the dataset at `root`, on a fresh local Ray."""
     import ray
 
+    from data_shards.cluster import RAY_NODE_ENV
     from data_shards.config import DataConfig
     from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches
     from data_shards.features import build_feature_cache
     from data_shards.index import index_videos
     from model import ModelConfig
-    from orchestration.session import RAY_NODE_ENV
 
     for key, value in RAY_NODE_ENV.items():
         os.environ.setdefault(key, value)

@@ -47,15 +47,17 @@ import torch
 from epoch_clock import EpochClock
 from machine import load_average, machine_info
 
-from data_shards.datasets import iter_clip_batches, load_manifest, subset_clips
+from data_shards.cluster import init_ray
+from data_shards.datasets import iter_clip_batches, subset_clips
 from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
+from data_shards.manifest import load_manifest
 from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
 from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, load_config
 from orchestration.evaluate import evaluate
-from orchestration.session import init_ray, plan_run
+from orchestration.session import plan_run
 from orchestration.step import build_optimizer
 from orchestration.train_loop import (
     EVAL_DIR,

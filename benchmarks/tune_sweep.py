@@ -18,11 +18,12 @@ import platform
 import time
 from pathlib import Path
 
+from data_shards.cluster import init_ray
 from data_shards.synth import synthesize_dataset
 from orchestration.demo import DEMO_CLASSES, DEMO_VIDEOS_PER_CLASS
-from orchestration.session import init_ray
+from tune_spaces.cli import print_sweep
 from tune_spaces.spaces import load_sweep
-from tune_spaces.sweep import print_sweep, run_sweep
+from tune_spaces.sweep import run_sweep
 
 DEMO_SWEEP = Path(__file__).resolve().parent.parent / "configs" / "tune_demo.yaml"
 

@@ -27,13 +27,14 @@ import ray.train
 from epoch_clock import EpochClock
 from machine import load_average, machine_info
 
-from data_shards.datasets import load_manifest
+from data_shards.cluster import init_ray
 from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
+from data_shards.manifest import load_manifest
 from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
 from orchestration.config import JlstmConfig, load_config
-from orchestration.session import init_ray, plan_run
+from orchestration.session import plan_run
 from orchestration.trainer import build_trainer, prepare_data
 
 REPO = Path(__file__).resolve().parent.parent

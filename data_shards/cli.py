@@ -1,4 +1,4 @@
-"""`jlstm data index|synth` (registered by orchestration's CLI) and `python -m data_shards.cli`."""
+"""`jlstm data index|synth` (registered by `jlstm.cli`) and `python -m data_shards.cli`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 
 def _index(args: argparse.Namespace) -> int:
     """Probe the split's videos; print the summary and the quarantine reasons."""
-    import ray
-
+    from data_shards.cluster import init_ray
     from data_shards.config import DataConfig
     from data_shards.index import index_videos
 
@@ -24,8 +23,7 @@ def _index(args: argparse.Namespace) -> int:
         manifest=args.out,
         probe_timeout_s=args.probe_timeout,
     )
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)  # joins RAY_ADDRESS's cluster when set, else local
+    init_ray()
     result = index_videos(data_cfg)
     print(result.summary())
     reasons = pq.read_table(result.quarantine_path)["reason"].to_pylist()

@@ -22,74 +22,24 @@ evaluation sorts the gathered predictions by video, so its metrics do not depend
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from pathlib import PurePath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from ray.data import RandomSeedConfig
 
 from data_shards.clips import clip_table
 from data_shards.config import DataConfig
 from data_shards.decode import decode_batch
-
-
-class BadDataError(RuntimeError):
-    """More of the dataset failed than `max_bad_fraction` allows."""
-
-
-def load_manifest(data_cfg: DataConfig) -> pa.Table:
-    """The manifest written by `index_videos` (run `jlstm data index` first)."""
-    path = data_cfg.manifest_path()
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist: run `jlstm data index` first")
-    return pq.read_table(path)
-
-
-def quarantine_table(data_cfg: DataConfig) -> pa.Table:
-    """The videos the index set aside (video_path, reason, ...), for the run's artifact."""
-    return pq.read_table(data_cfg.quarantine_path())
-
-
-def check_bad_fraction(data_cfg: DataConfig, manifest: pa.Table) -> None:
-    """Refuse a run where the quarantined share of listed videos exceeds max_bad_fraction."""
-    bad = quarantine_table(data_cfg).num_rows if data_cfg.quarantine_path().is_file() else 0
-    listed = bad + manifest.num_rows
-    if listed and bad / listed > data_cfg.max_bad_fraction:
-        raise BadDataError(
-            f"{bad} of {listed} videos are quarantined ({bad / listed:.1%}), more than "
-            f"max_bad_fraction = {data_cfg.max_bad_fraction}; see {data_cfg.quarantine_path()}"
-        )
-
-
-def dataset_digest(manifest: pa.Table) -> str:
-    """16 hex digits of sha256 over what makes the dataset this one, wherever it lies: each
-    video's class, file name, size, frame count and subset. Runs on the same digest and
-    split were trained and tested on the same videos (the champion rule relies on it)."""
-    rows = zip(
-        manifest["label_name"].to_pylist(),
-        [PurePath(path).name for path in manifest["video_path"].to_pylist()],
-        manifest["size"].to_pylist(),
-        manifest["num_frames"].to_pylist(),
-        manifest["subset"].to_pylist(),
-        strict=True,
-    )
-    return hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()[:16]
-
-
-def subset_videos(manifest: pa.Table, subset: str) -> int:
-    """How many of the manifest's videos are in `subset` ("train" or "test")."""
-    return int(pc.sum(pc.equal(manifest["subset"], subset)).as_py() or 0)
+from data_shards.features import cached_taps, check_cache, read_cached_batch
+from data_shards.manifest import check_bad_fraction, load_manifest
 
 
 def subset_clips(
@@ -144,8 +94,6 @@ def build_datasets(
     manifest = load_manifest(data_cfg)
     check_bad_fraction(data_cfg, manifest)
     if data_cfg.use_feature_cache:
-        from data_shards.features import check_cache
-
         check_cache(data_cfg, model_cfg, manifest)
     clip_len, interval = model_cfg.clip_len, data_cfg.frame_interval
     train_stride, eval_stride = data_cfg.train_stride, data_cfg.eval_stride_for(clip_len)
@@ -167,8 +115,6 @@ def clip_readers(data_cfg: DataConfig, model_cfg) -> dict[str, ClipReader | None
     the cached taps (with the cache's taps, dtype and the subset's clip grid), or None."""
     if not data_cfg.use_feature_cache:
         return {"train": None, "val": None}
-    from data_shards.features import cached_taps, read_cached_batch
-
     common = {
         "cache_dir": data_cfg.feature_cache,
         "cache_taps": cached_taps(data_cfg),

@@ -34,8 +34,8 @@ import ray
 
 from data_shards.clips import frame_indices, needed_frames
 from data_shards.config import TAP_PREFIX, TAP_SCALE_PREFIX, DataConfig
-from data_shards.datasets import load_manifest
 from data_shards.decode import open_reader
+from data_shards.manifest import load_manifest
 
 KEY_FILE = "cache_key.json"
 INDEX_FILE = "videos.parquet"

@@ -305,8 +305,12 @@ def index_videos(
         [{k: r[k] for k in QUARANTINE_SCHEMA.names} for r in bad], schema=QUARANTINE_SCHEMA
     )
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(manifest, manifest_path)
-    pq.write_table(quarantine, quarantine_path)
+    # Written under a temporary name and renamed: a reader (another run, another node)
+    # sees the old table or the new one, never half of one.
+    for table, path in ((quarantine, quarantine_path), (manifest, manifest_path)):
+        partial = path.with_name(path.name + ".partial")
+        pq.write_table(table, partial)
+        partial.rename(path)
     return IndexResult(
         manifest_path,
         quarantine_path,

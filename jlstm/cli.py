@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from data_shards.cli import add_data_commands
-from data_shards.datasets import BadDataError
 from data_shards.features import StaleCacheError
+from data_shards.manifest import BadDataError
 from orchestration.cli import add_run_commands
 from orchestration.config import ConfigError
 from orchestration.session import RunInUse

@@ -87,11 +87,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
+    from data_shards.cluster import init_ray
     from data_shards.features import build_feature_cache
     from data_shards.index import ensure_index
     from data_shards.splits import class_names
     from orchestration.resources import feature_pool, live_nodes
-    from orchestration.session import init_ray
 
     cfg = load_config(args.config, args.overrides)
     init_ray()
@@ -160,8 +160,8 @@ def print_plan(report: dict[str, Any]) -> None:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
+    from data_shards.cluster import init_ray
     from orchestration.resources import live_nodes, parse_nodes
-    from orchestration.session import init_ray
 
     cfg = load_config(args.config, args.overrides)
     if args.nodes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from data_shards.cluster import init_ray
 from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
 from data_shards.splits import class_names
@@ -16,7 +17,6 @@ from data_shards.synth import synthesize_dataset
 from orchestration.cli import print_results
 from orchestration.config import load_config
 from orchestration.resources import feature_pool, live_nodes
-from orchestration.session import init_ray
 from orchestration.trainer import train_splits
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"

@@ -13,16 +13,18 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from data_shards.clips import clip_starts
-from data_shards.datasets import build_datasets, clip_readers, load_manifest, subset_videos
+from data_shards.cluster import init_ray
+from data_shards.datasets import build_datasets, clip_readers
 from data_shards.decode import decode_clip, open_reader
 from data_shards.index import ensure_index
+from data_shards.manifest import load_manifest, subset_videos
 from data_shards.splits import class_names
 from model import ModelConfig, normalize_frames
 from orchestration import tracking
 from orchestration.config import JlstmConfig
 from orchestration.mlflow_model import PREDICT_BATCH, predict_proba
 from orchestration.plots import plot_attention_overlay
-from orchestration.session import init_ray, plan_run, run_storage
+from orchestration.session import plan_run, run_storage
 from orchestration.train_loop import EVAL_DIR, eval_loop_per_worker
 from orchestration.trainer import SplitEvalDataConfig
 

@@ -39,7 +39,7 @@ from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import model as model_package
-from data_shards.datasets import dataset_digest, load_manifest, quarantine_table
+from data_shards.manifest import dataset_digest, load_manifest, quarantine_table
 from model import ModelConfig
 from orchestration import mlflow_model
 from orchestration.config import ConfigError, JlstmConfig, config_to_yaml

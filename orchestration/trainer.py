@@ -20,18 +20,12 @@ import ray.train
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
+from data_shards.cluster import init_ray
 from data_shards.config import DataConfig
-from data_shards.datasets import (
-    BadDataError,
-    ClipReader,
-    build_datasets,
-    check_bad_fraction,
-    clip_readers,
-    load_manifest,
-    subset_videos,
-)
+from data_shards.datasets import ClipReader, build_datasets, clip_readers
 from data_shards.features import check_cache
 from data_shards.index import ensure_index
+from data_shards.manifest import BadDataError, check_bad_fraction, load_manifest, subset_videos
 from data_shards.splits import class_names
 from model import JointAttentionNet, ModelConfig
 from orchestration import tracking
@@ -40,7 +34,7 @@ from orchestration.checkpoint import TrainState
 from orchestration.config import ConfigError, JlstmConfig
 from orchestration.plots import plot_loss_curves
 from orchestration.resources import ResourcePlan
-from orchestration.session import init_ray, plan_run, run_lock, run_storage
+from orchestration.session import plan_run, run_lock, run_storage
 from orchestration.train_loop import (
     BAD_CLIPS_FILE,
     EVAL_DIR,

@@ -17,7 +17,7 @@ def _start_local_ray() -> None:
     """A real local Ray cluster of 2 logical CPUs (this machine's cores)."""
     import ray
 
-    from orchestration.session import RAY_NODE_ENV
+    from data_shards.cluster import RAY_NODE_ENV
 
     # Also reaches the `ray start --head` cluster of the job-submission test and the
     # raylets of the multi-node cluster.
@@ -48,7 +48,7 @@ def multinode_cluster() -> Iterator[object]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestration.session import RAY_NODE_ENV
+    from data_shards.cluster import RAY_NODE_ENV
 
     was_running = ray.is_initialized()
     ray.shutdown()

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from data_shards.config import DataConfig
-from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches, load_manifest
+from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches
 from data_shards.decode import decode_clip
 from data_shards.features import StaleCacheError, build_feature_cache
 from data_shards.index import index_videos
+from data_shards.manifest import load_manifest
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig, VGG16Taps, normalize_frames
 from orchestration.step import to_batch

@@ -17,6 +17,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from data_shards.cluster import init_ray
 from data_shards.features import StaleCacheError, build_feature_cache, check_cache
 from data_shards.index import ensure_index
 from data_shards.splits import class_names
@@ -24,7 +25,7 @@ from model.backbone import TAP_LAST_INDEX
 from orchestration import tracking
 from orchestration.config import ConfigError, JlstmConfig, validate_config
 from orchestration.resources import ResourcePlan, feature_pool, live_nodes
-from orchestration.session import init_ray, plan_run
+from orchestration.session import plan_run
 from tune_spaces.release import ReleaseEndedTrainRuns, registry
 from tune_spaces.report import TAPS_KEY
 from tune_spaces.results import SweepResult, finish_sweep

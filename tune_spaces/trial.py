@@ -1,0 +1,83 @@
+"""One sweep trial: the Tune trainable that fits a Ray Train `TorchTrainer`.
+
+The Ray Train V2 pattern: the Tune trainable is a small driver function (`run_trial`)
+that builds the trial's run config, opens its nested MLflow run and fits a TorchTrainer;
+`TuneReportCallback` forwards every epoch's report to Tune, where ASHA cuts the trials
+that fall behind. Each trial's Train run has its own name (`<sweep>-<trial id>`), so a
+retried or resumed trial continues from its own last checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from orchestration import tracking
+from orchestration.checkpoint import CHECKPOINT_FILE, TrainState
+from orchestration.config import JlstmConfig, validate_config
+from orchestration.session import plan_run
+from orchestration.trainer import build_trainer, prepare_data
+from tune_spaces.release import RegisterTrainRun
+from tune_spaces.spaces import SweepConfig, trial_raw
+
+TRIAL_TAG = "jlstm.tune_trial_id"
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # what TuneReportCallback adds to each report
+
+
+def run_trial(
+    config: dict[str, Any],
+    sweep: SweepConfig,
+    base_raw: dict[str, Any],
+    fixed: dict[str, Any],
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    registry_name: str,
+) -> None:
+    """Tune trainable: one trial = one nested MLflow run + one TorchTrainer fit."""
+    import mlflow
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    # The tracking URI travels explicitly: trial actors do not see the driver's environment.
+    mlflow.set_tracking_uri(tracking_uri)
+    cfg = validate_config(
+        trial_raw(base_raw, {**sweep.decode(config), **fixed,
+                             "run_name": f"{sweep.name}-{trial_id}"}),
+        source=f"trial {trial_id}",
+    )
+    run_id = tracking.start_run(cfg, experiment_id, parent_run_id)
+    MlflowClient().set_tag(run_id, TRIAL_TAG, trial_id)
+    finished = _finished_checkpoint(cfg)
+    if finished is not None:
+        # Interrupted after this trial's Train run ended but before Tune (and maybe MLflow)
+        # took its last report: a new fit would train nothing and report nothing.
+        history = TrainState.load(finished).history
+        tracking.log_missing_epochs(run_id, history)
+        tune.report({**history[-1], CHECKPOINT_PATH_KEY: str(finished)})
+        return
+    plan = plan_run(cfg)
+    data = prepare_data(cfg)
+    tracking.log_run_inputs(cfg, run_id, data.model_cfg)
+    callbacks = [
+        tracking.MlflowEpochLogger(tracking_uri, run_id),
+        TuneReportCallback(),
+        RegisterTrainRun(registry_name, trial_id),
+    ]
+    build_trainer(cfg, data, plan, callbacks, run_id).fit()
+
+
+def _finished_checkpoint(cfg: JlstmConfig) -> Path | None:
+    """The Train run's last checkpoint when it holds every epoch (local storage only)."""
+    storage = cfg.cluster.storage_path
+    if "://" in storage:
+        return None
+    run_dir = Path(storage).resolve() / cfg.resolved_run_name()
+    # Only checkpoint directories holding a state file: an upload cut short may have none.
+    checkpoints = sorted(state.parent for state in run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+    if checkpoints and TrainState.load(checkpoints[-1]).epoch >= cfg.train.epochs:
+        return checkpoints[-1]
+    return None
