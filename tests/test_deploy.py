@@ -1,5 +1,6 @@
 """deploy/ and the image: the definitions parse, carry the security settings, and the tracking
-server boots the way deploy/tracking defines it, on a real PostgreSQL, behind a login."""
+server boots the way deploy/tracking defines it, on a real PostgreSQL, behind a login; a
+training run logs and registers through that login, and a READ user cannot move @champion."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pytest
 import yaml
 
 from tests.mlflow_server import _stop, free_port
+from tests.tiny_run import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -423,7 +425,10 @@ def tracking_server(
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(uri, proc, log)
-        yield {"uri": uri, "admin_password": admin_password, "log": str(log)}
+        yield {
+            "uri": uri, "admin_password": admin_password, "log": str(log),
+            "artifacts": env["MLFLOW_ARTIFACTS_DESTINATION"],
+        }
     finally:
         _stop(proc)
 
@@ -511,7 +516,11 @@ def test_tracking_server_stores_in_postgres_and_other_users_only_read(
         cur.execute("SELECT name FROM experiments WHERE experiment_id = %s", (experiment_id,))
         assert cur.fetchone() == ("deploy-test",)
     with psycopg.connect(dbname="mlflow_auth", **_libpq(postgres)) as conn, conn.cursor() as cur:
-        cur.execute("SELECT username, is_admin FROM users ORDER BY username")
+        # Other tests of this module add their own users: look at this test's two only.
+        cur.execute(
+            "SELECT username, is_admin FROM users WHERE username IN ('admin', 'reader') "
+            "ORDER BY username"
+        )
         assert cur.fetchall() == [("admin", True), ("reader", False)]
 
 
@@ -520,3 +529,181 @@ def _libpq(env: dict[str, str]) -> dict[str, str]:
         "host": env["PGHOST"], "port": env["PGPORT"],
         "user": env["PGUSER"], "password": env["PGPASSWORD"],
     }
+
+
+# --- a training run against that server, and who may change the registry ---------------------
+
+TRAINER = "jlstm-trainer"  # the account deploy/README.md step 3 creates for training jobs
+RUN_NAME = "deploy-train"
+MODEL_NAME = "jlstm-ucf101"  # tracking.registered_model_name("ucf101"), the tiny config's dataset
+FRAME_INTERVAL = 3  # the tiny config's data.frame_interval, carried in the logged model
+# Measured on the shared 2-core machine: 8 min at load 6, 15 min at load 45. Most of it is
+# MLflow requests: each one checks the password's scrypt hash again, and the run logs its ~75
+# params one request each.
+TRAIN_TIMEOUT_S = 1500
+SERVER_TEST_TIMEOUT_S = TRAIN_TIMEOUT_S + SERVER_STARTUP_TIMEOUT_S + 120
+
+
+def _pg_rows(postgres: dict[str, str], dbname: str, query: str, *args: Any) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(dbname=dbname, **_libpq(postgres)) as conn, conn.cursor() as cur:
+        cur.execute(query, args)
+        return cur.fetchall()
+
+
+@pytest.fixture(scope="module")
+def trained_on_server(
+    tracking_server: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """`jlstm train` (tiny config, 1 epoch) in a subprocess as the trainer account, its
+    credentials in the environment only; returns the trainer's password and the CLI's output."""
+    from data_shards.synth import synthesize_dataset
+
+    uri, admin = tracking_server["uri"], ("admin", tracking_server["admin_password"])
+    trainer_password = secrets.token_urlsafe(18)
+    status, body = _request(
+        uri + "/api/2.0/mlflow/users/create", auth=admin,
+        body={"username": TRAINER, "password": trainer_password},
+    )
+    assert status == 200, body
+
+    tmp = tmp_path_factory.mktemp("train")
+    dataset = synthesize_dataset(
+        tmp / "videos", layout="ucf101", classes=2, videos_per_class=6, seed=3,
+        frame_size=64, num_frames=16,
+    )
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(
+        dataset, tmp / "ray", RUN_NAME, train={"epochs": 1}, cluster={"num_workers": 1},
+    )))
+    home = tmp / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))} | {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_TRACKING_USERNAME": TRAINER,
+        "MLFLOW_TRACKING_PASSWORD": trainer_password,
+        # An empty HOME: no ~/.mlflow/credentials of this machine can be what logs in, and the
+        # local Ray the CLI starts keeps its token out of the real ~/.ray.
+        "HOME": str(home),
+    }
+    # No RAY_ADDRESS: the CLI starts its own local Ray, as on a laptop. Its Train workers are
+    # that Ray's children and inherit the login, which their system-metrics monitor needs.
+    out = subprocess.run(
+        [sys.executable, "-m", "jlstm", "train", "--config", str(config)],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S,
+    )
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
+    return {"trainer_password": trainer_password, "stdout": out.stdout}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SERVER_TEST_TIMEOUT_S)
+def test_training_with_a_login_stores_run_model_and_champion_in_postgres(
+    trained_on_server: dict[str, str], tracking_server: dict[str, str],
+    postgres: dict[str, str],
+) -> None:
+    assert "now champion" in trained_on_server["stdout"], trained_on_server["stdout"]
+    rows = _pg_rows(
+        postgres, "mlflow",
+        "SELECT r.run_uuid, r.status FROM runs r JOIN experiments e USING (experiment_id) "
+        "WHERE r.name = %s AND e.name = 'test-train'", RUN_NAME,
+    )
+    assert len(rows) == 1 and rows[0][1] == "FINISHED", rows
+    run_id = rows[0][0]
+    params = dict(_pg_rows(
+        postgres, "mlflow", "SELECT key, value FROM params WHERE run_uuid = %s", run_id
+    ))
+    assert params["train.epochs"] == "1" and params["data.dataset"] == "ucf101", params
+    metrics = _pg_rows(
+        postgres, "mlflow",
+        "SELECT key, step FROM metrics WHERE run_uuid = %s AND key IN ('epoch', 'loss_total')",
+        run_id,
+    )
+    assert sorted(metrics) == [("epoch", 1), ("loss_total", 1)]
+    # The Train worker's system-metrics monitor logged through the same login (a worker
+    # without it would be refused, and no system/ metric would be stored).
+    (system,) = _pg_rows(
+        postgres, "mlflow",
+        "SELECT count(*) FROM metrics WHERE run_uuid = %s AND key LIKE 'system/node0/%%'",
+        run_id,
+    )
+    assert system[0] > 0, "no system metrics from the training worker"
+
+    # The registry: version 1 from this run, READY, and the champion alias on it.
+    assert _pg_rows(
+        postgres, "mlflow",
+        "SELECT version, run_id, status FROM model_versions WHERE name = %s", MODEL_NAME,
+    ) == [(1, run_id, "READY")]
+    assert _pg_rows(
+        postgres, "mlflow",
+        "SELECT alias, version FROM registered_model_aliases WHERE name = %s", MODEL_NAME,
+    ) == [("champion", 1)]
+    # The model's files went through the server to its artifact destination (the clients
+    # hold no storage credentials).
+    assert list(Path(tracking_server["artifacts"]).rglob("state_dict.pt"))
+
+    # The auth app (also in PostgreSQL) made the trainer, not the admin, the model's owner:
+    # the one non-admin account that may move @champion (deploy/README.md, security model).
+    owners = _pg_rows(
+        postgres, "mlflow_auth",
+        "SELECT u.username, p.resource_type FROM users u "
+        "JOIN user_role_assignments a ON a.user_id = u.id "
+        "JOIN role_permissions p ON p.role_id = a.role_id "
+        "WHERE p.resource_pattern = %s AND p.permission = 'MANAGE'",
+        MODEL_NAME,
+    )
+    assert owners == [(TRAINER, "registered_model")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SERVER_TEST_TIMEOUT_S)
+def test_a_read_user_loads_the_champion_but_cannot_move_it(
+    trained_on_server: dict[str, str], tracking_server: dict[str, str],
+    postgres: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mlflow.server
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from orchestration import tracking
+
+    uri = tracking_server["uri"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def log_in(username: str, password: str) -> None:
+        # MLflow reads the login from the environment on every request.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", username)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+    reader = ("champion-reader", secrets.token_urlsafe(18))
+    log_in("admin", tracking_server["admin_password"])
+    auth = mlflow.server.get_app_client("basic-auth", tracking_uri=uri)
+    auth.create_user(*reader)
+    auth.grant_user_permission(reader[0], "registered_model", MODEL_NAME, "READ")
+    granted = auth.get_user_permission(reader[0], "registered_model", MODEL_NAME)
+    assert granted.permission == "READ"
+
+    log_in(*reader)
+    loaded = tracking.load_model(f"models:/{MODEL_NAME}@champion")
+    assert len(loaded.class_names) == 2 and loaded.frame_interval == FRAME_INTERVAL
+    assert loaded.model_cfg.frame_size == 64
+
+    client = MlflowClient(uri)
+    for move in (
+        lambda: client.set_registered_model_alias(MODEL_NAME, "champion", "1"),
+        lambda: client.delete_registered_model_alias(MODEL_NAME, "champion"),
+    ):
+        with pytest.raises(MlflowException) as refused:
+            move()
+        assert refused.value.error_code == "PERMISSION_DENIED", refused.value
+        assert refused.value.get_http_status_code() == 403
+    assert _pg_rows(
+        postgres, "mlflow",
+        "SELECT alias, version FROM registered_model_aliases WHERE name = %s", MODEL_NAME,
+    ) == [("champion", 1)]
+
+    # The same request from the model's owner goes through: the refusal above is the
+    # permission, not a malformed call.
+    log_in(TRAINER, trained_on_server["trainer_password"])
+    client.set_registered_model_alias(MODEL_NAME, "champion", "1")

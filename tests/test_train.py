@@ -7,11 +7,14 @@ unreachable tracking server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -249,6 +252,11 @@ def test_killed_worker_resumes_from_checkpoint_on_mlflow_server(
         victims = _train_worker_pids()
         assert victims, "no training worker process found to kill"
         os.kill(max(victims), signal.SIGKILL)
+        # The kill hit this run: Ray Train replaces its worker group with new processes.
+        while not _train_worker_pids() - victims and time.monotonic() < deadline:
+            assert thread.is_alive() or "error" in outcome, "the run ended without a restart"
+            time.sleep(0.2)
+        assert _train_worker_pids() - victims, "no new worker group after the kill"
         thread.join(timeout=900)
         assert "error" not in outcome, outcome.get("error")
         result: SplitResult = outcome["result"]
@@ -258,49 +266,143 @@ def test_killed_worker_resumes_from_checkpoint_on_mlflow_server(
         assert [int(h["epoch"]) for h in state.history] == list(range(1, EPOCHS + 1))
         client = MlflowClient(uri)
         steps = [m.step for m in client.get_metric_history(result.run_id, "epoch")]
-        assert sorted(set(steps)) == list(range(1, EPOCHS + 1))
+        assert sorted(steps) == list(range(1, EPOCHS + 1))  # each epoch logged exactly once
         assert client.get_registered_model(tracking.registered_model_name("ucf101"))
 
 
-def _wait_for_http(url: str, timeout_s: float) -> None:
+def _dashboard_request(
+    url: str, token: str | None = None, body: dict[str, Any] | None = None
+) -> tuple[int, str]:
+    """(status, body) of one request to the Ray dashboard; OSError when nothing answers."""
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    if body is not None:
+        request.data = json.dumps(body).encode()
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def _wait_for_dashboard(
+    address: str, token: str, head: subprocess.Popen, log: Path, timeout_s: float
+) -> None:
+    """Until an authenticated GET succeeds: a refusal or an error page is not "ready"."""
     deadline = time.monotonic() + timeout_s
+    last = "no answer"
     while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()}")
         try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # answering, if only to refuse a request without the token
+            status, body = _dashboard_request(f"{address}/api/version", token)
+            if status == 200:
+                return
+            last = f"HTTP {status}: {body[:300]}"
+        except OSError as err:  # refused or timed out: not listening yet
+            last = repr(err)
+        time.sleep(1)
+    raise TimeoutError(f"{address} not ready within {timeout_s:.0f} s ({last})")
+
+
+def _processes_with_home(home: Path) -> set[int]:
+    """Processes whose environment has HOME=home: with a HOME made for one test, exactly
+    the processes of the cluster that test started (its workers and job drivers included)."""
+    marker = f"HOME={home}".encode()
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
         except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+            continue
+        if marker in environ.split(b"\0"):
+            pids.add(int(proc.name))
+    return pids
 
 
+def _stop_head(head: subprocess.Popen, home: Path) -> None:
+    """Stop the `ray start --block` head, then whatever of its cluster outlived it."""
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    # Ray's workers and job drivers sit in their own process groups; they exit once their
+    # raylet is gone. Give them a moment, then end the stragglers, one by one.
+    deadline = time.monotonic() + 30
+    while _processes_with_home(home) and time.monotonic() < deadline:
+        time.sleep(1)
+    for pid in _processes_with_home(home):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_ray_job_submit_runs_training(dataset: Path, tmp_path: Path) -> None:
-    """`ray job submit` against a `ray start --head` cluster on loopback, token auth on."""
+    """`ray job submit` against a `ray start --head` cluster on loopback with token auth on:
+    the Jobs API refuses a request without the token or with a wrong one, and the CLI, which
+    sends the token, submits a training job that finishes."""
+    from data_shards.cluster import RAY_NODE_ENV
+
     bin_dir = Path(sys.executable).parent
-    gcs_port, dashboard_port = free_port(), free_port()
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(tiny_config(
         dataset, tmp_path / "ray", "tiny-job", train={"epochs": 1}, cluster={"num_workers": 1},
     )))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
+    # A HOME of its own: the token this test generates is the only one any process here can
+    # find (not one a local `ray.init()` of another test left in the real ~/.ray).
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    } | RAY_NODE_ENV | {"RAY_AUTH_MODE": "token", "HOME": str(home)}
     # As from an activated venv: the job's `python` is the one `ray start` finds on PATH.
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    # --block keeps the head in this process group, so the test stops exactly this cluster
-    # (`ray stop` would also stop the session's own cluster).
-    head = subprocess.Popen(
-        [bin_dir / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir=/tmp/rj{os.getpid()}",
-         # Own agent ports: the session's cluster already holds Ray's default ones.
-         f"--dashboard-agent-listen-port={free_port()}",
-         f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    # deploy/README.md step 4: `ray start` makes no token, this command does (~/.ray/auth_token).
+    generated = subprocess.run(
+        [bin_dir / "ray", "get-auth-token", "--generate"],
+        env=env, capture_output=True, text=True, timeout=120, check=True,
     )
+    token = generated.stdout.strip()
+    assert token and (home / ".ray" / "auth_token").read_text().strip() == token
+
+    # Own ports and temp dir (short: it holds unix sockets) on 127.0.0.1: the session's
+    # cluster, and other Ray instances on this machine, hold Ray's default ones.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
+    dashboard_port = free_port()
+    log = tmp_path / "ray-start.log"
+    with log.open("w") as log_file:
+        # --block keeps every process of this head in the process group started here, so the
+        # test stops exactly this cluster: `ray stop` kills every Ray process on the machine,
+        # the session's cluster and other users' included.
+        head = subprocess.Popen(
+            [bin_dir / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={free_port()}", f"--dashboard-port={dashboard_port}",
+             "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
+             f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}",
+             f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         address = f"http://127.0.0.1:{dashboard_port}"
-        _wait_for_http(f"{address}/api/version", timeout_s=180)
+        _wait_for_dashboard(address, token, head, log, timeout_s=240)
+
+        # Without the token, or with a wrong one, the Jobs API runs nothing and lists nothing.
+        intruder = {"entrypoint": "echo intruder"}
+        assert _dashboard_request(f"{address}/api/jobs/", body=intruder)[0] == 401
+        assert _dashboard_request(f"{address}/api/jobs/")[0] == 401
+        wrong = "0" * len(token)
+        assert _dashboard_request(f"{address}/api/jobs/", wrong, body=intruder)[0] == 403
+
         runtime_env = json.dumps(
             {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
         )
@@ -320,9 +422,13 @@ def test_ray_job_submit_runs_training(dataset: Path, tmp_path: Path) -> None:
         assert "succeeded" in out.stdout.lower()
         assert list((tmp_path / "ray" / "tiny-job").glob("checkpoint_*"))
         assert (tmp_path / "mlflow.db").exists()
+
+        # The only job ever submitted is the one sent with the token.
+        status, body = _dashboard_request(f"{address}/api/jobs/", token)
+        assert status == 200, body
+        jobs = [job for job in json.loads(body) if job["type"] == "SUBMISSION"]
+        assert [job["status"] for job in jobs] == ["SUCCEEDED"], jobs
+        assert "jlstm train" in jobs[0]["entrypoint"]
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        _stop_head(head, home)
+        shutil.rmtree(temp_dir, ignore_errors=True)
