@@ -257,8 +257,9 @@ def index_videos(
     `out` overrides `data_cfg.manifest_path()`; the quarantine goes beside it. Videos in
     an earlier manifest at the same path with the same size and mtime are not probed again.
     """
-    manifest_path = Path(out) if out else data_cfg.manifest_path()
-    quarantine_path = manifest_path.with_name(f"{manifest_path.stem}.quarantine.parquet")
+    if out:
+        data_cfg = data_cfg.model_copy(update={"manifest": str(out)})
+    manifest_path, quarantine_path = data_cfg.manifest_path(), data_cfg.quarantine_path()
     video_root, _ = resolve_layout(data_cfg)
     entries, names = list_entries(data_cfg)
     previous = _previous_probes(manifest_path)

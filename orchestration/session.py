@@ -34,10 +34,20 @@ def plan_run(cfg: JlstmConfig, *, max_runs: int = 1, trial_cpus: float = 0.0) ->
     )
 
 
+def is_uri(path: str) -> bool:
+    """Whether `path` names remote storage (s3://, gs://, ...) rather than a local path."""
+    return "://" in path
+
+
+def storage_uri(path: str) -> str:
+    """A URI as is, a local path made absolute (Tune trials and Train workers run in other
+    working directories)."""
+    return path if is_uri(path) else str(Path(path).resolve())
+
+
 def run_storage(cfg: JlstmConfig) -> str:
-    """`cluster.storage_path` as Ray Train takes it: a URI as is, a local path absolute."""
-    storage = cfg.cluster.storage_path
-    return storage if "://" in storage else str(Path(storage).resolve())
+    """`cluster.storage_path` as Ray Train takes it."""
+    return storage_uri(cfg.cluster.storage_path)
 
 
 class RunInUse(RuntimeError):

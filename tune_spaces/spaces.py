@@ -30,6 +30,7 @@ from orchestration.config import (
     set_dotted,
     validate_config,
 )
+from orchestration.session import storage_uri
 
 # The paper's setting (Wu et al. 2016): lambda = 1000, zeta = 1e-5, late fusion, 2 branches.
 PAPER_POINT: dict[str, Any] = {
@@ -214,8 +215,8 @@ def _resolve_paths(raw: dict[str, Any]) -> None:
         ("data", "feature_cache"), ("model", "backbone_weights"), ("cluster", "storage_path"),
     ):
         value = (raw.get(section) or {}).get(key)
-        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-            raw[section][key] = str(Path(value).resolve())
+        if isinstance(value, str):
+            raw[section][key] = storage_uri(value)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -10,7 +10,6 @@ what the finished sweep leaves behind is `tune_spaces.results`.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -25,7 +24,7 @@ from model.backbone import TAP_LAST_INDEX
 from orchestration import tracking
 from orchestration.config import ConfigError, JlstmConfig, validate_config
 from orchestration.resources import ResourcePlan, feature_pool, live_nodes
-from orchestration.session import plan_run
+from orchestration.session import plan_run, storage_uri
 from tune_spaces.release import ReleaseEndedTrainRuns, registry
 from tune_spaces.report import TAPS_KEY
 from tune_spaces.results import SweepResult, finish_sweep
@@ -75,9 +74,7 @@ def ensure_cache(sweep: SweepConfig, base: JlstmConfig) -> None:
 
 def _experiment_path(sweep: SweepConfig, base: JlstmConfig) -> tuple[str, str]:
     """(Tune storage path, Tune experiment path); local paths made absolute."""
-    storage = sweep.storage_path or base.cluster.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
+    storage = storage_uri(sweep.storage_path or base.cluster.storage_path)
     return storage, f"{storage.rstrip('/')}/{sweep.name}"
 
 

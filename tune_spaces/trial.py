@@ -18,7 +18,7 @@ from ray import tune
 from orchestration import tracking
 from orchestration.checkpoint import CHECKPOINT_FILE, TrainState
 from orchestration.config import JlstmConfig, validate_config
-from orchestration.session import plan_run
+from orchestration.session import is_uri, plan_run, run_storage
 from orchestration.trainer import build_trainer, prepare_data
 from tune_spaces.release import RegisterTrainRun
 from tune_spaces.spaces import SweepConfig, trial_raw
@@ -72,10 +72,10 @@ def run_trial(
 
 def _finished_checkpoint(cfg: JlstmConfig) -> Path | None:
     """The Train run's last checkpoint when it holds every epoch (local storage only)."""
-    storage = cfg.cluster.storage_path
-    if "://" in storage:
+    storage = run_storage(cfg)
+    if is_uri(storage):
         return None
-    run_dir = Path(storage).resolve() / cfg.resolved_run_name()
+    run_dir = Path(storage) / cfg.resolved_run_name()
     # Only checkpoint directories holding a state file: an upload cut short may have none.
     checkpoints = sorted(state.parent for state in run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
     if checkpoints and TrainState.load(checkpoints[-1]).epoch >= cfg.train.epochs:
