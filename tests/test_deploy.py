@@ -660,8 +660,9 @@ def test_training_with_a_login_stores_run_model_and_champion_in_postgres(
 @pytest.mark.timeout(SERVER_TEST_TIMEOUT_S)
 def test_a_read_user_loads_the_champion_but_cannot_move_it(
     trained_on_server: dict[str, str], tracking_server: dict[str, str],
-    postgres: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    postgres: dict[str, str], monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
 ) -> None:
+    import mlflow
     import mlflow.server
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -670,6 +671,11 @@ def test_a_read_user_loads_the_champion_but_cannot_move_it(
 
     uri = tracking_server["uri"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # An earlier test's `tracking.connect()` may have set MLflow's process-wide URI, which
+    # wins over the environment: point it here for this test, and back afterwards.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
 
     def log_in(username: str, password: str) -> None:
         # MLflow reads the login from the environment on every request.
