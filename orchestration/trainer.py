@@ -239,6 +239,7 @@ def finish_run(
         final = {k: float(v) for k, v in history[-1].items() if isinstance(v, int | float)}
         if tags.get(tracking.FINISHED_TAG) == str(state.epoch):
             log.info("run %s already finished at epoch %d: nothing to log", run_id, state.epoch)
+            tracking.end_run(run_id, "FINISHED")  # start_run marked it RUNNING again
             version = tags.get(tracking.VERSION_TAG)
             return SplitResult(run_id, final, checkpoint.path, version, False)
         client.log_artifacts(run_id, str(Path(ckpt_dir) / EVAL_DIR), "evaluation")

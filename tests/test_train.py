@@ -105,6 +105,7 @@ def test_rerunning_a_finished_run_resumes(trained: tuple[JlstmConfig, SplitResul
     client = MlflowClient()
     assert len(client.get_metric_history(first.run_id, "loss_total")) == EPOCHS
     assert client.get_run(first.run_id).data.tags[FINISHED_TAG] == str(EPOCHS)
+    assert client.get_run(first.run_id).info.status == "FINISHED"
     versions = client.search_model_versions(f"run_id = '{first.run_id}'")
     assert [str(v.version) for v in versions] == [first.model_version]
 
