@@ -321,13 +321,24 @@ def promote_if_better(
         }
         current = holder()
         if current not in versions:  # no champion yet (or its version was deleted)
-            client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, version)
+            _set_champion(client, registered_name, version)
             continue
         challengers = [v for v in versions.values() if _beats(v, versions[current])]
         if not challengers:
             return current == version != first_holder
         best = max(challengers, key=lambda v: float(v.tags[SCORE_TAG]))
-        client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, best.version)
+        _set_champion(client, registered_name, str(best.version))
+
+
+def _set_champion(client: MlflowClient, registered_name: str, version: str) -> None:
+    """Point `champion` at `version`. Another promoter writing the alias at the same moment
+    can make the store refuse this write (a unique-key conflict): the caller re-reads and
+    decides again, so the refusal is not an error."""
+    try:
+        client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, version)
+    except MlflowException as err:
+        if "UNIQUE" not in str(err).upper() and "duplicate key" not in str(err):
+            raise
 
 
 # One run's lifecycle: found or created by its run name, inputs, per-epoch metrics.

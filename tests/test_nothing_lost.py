@@ -179,11 +179,17 @@ def test_concurrent_promotions_leave_the_best_champion(
         order = scores if attempt % 2 else scores[::-1]
         barrier = threading.Barrier(len(scores))
 
+        errors: list[BaseException] = []
+
         def promote(version: str, score: float, name: str = name,
-                    barrier: threading.Barrier = barrier) -> None:
+                    barrier: threading.Barrier = barrier,
+                    errors: list[BaseException] = errors) -> None:
             barrier.wait()
-            tracking.promote_if_better(name, version, split=1, video_top1=score,
-                                       test_videos=10, dataset_digest="d1")
+            try:
+                tracking.promote_if_better(name, version, split=1, video_top1=score,
+                                           test_videos=10, dataset_digest="d1")
+            except BaseException as err:  # reported by the test thread below
+                errors.append(err)
 
         threads = [threading.Thread(target=promote, args=(v, s))
                    for v, s in zip(versions, order, strict=True)]
@@ -191,6 +197,7 @@ def test_concurrent_promotions_leave_the_best_champion(
             thread.start()
         for thread in threads:
             thread.join()
+        assert not errors, errors
         champion = client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS)
         assert float(champion.tags[tracking.SCORE_TAG]) == max(scores), attempt
 
