@@ -23,6 +23,8 @@ from orchestration import tracking
 from orchestration.config import validate_config
 from orchestration.trainer import train_split
 
+pytestmark = pytest.mark.slow  # each test trains a tiny model on local Ray (1-2 min)
+
 
 @pytest.fixture
 def sqlite_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:

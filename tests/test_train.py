@@ -43,6 +43,9 @@ from orchestration.tracking import FINISHED_TAG
 from orchestration.trainer import SplitResult, train_split
 
 REPO = Path(__file__).resolve().parent.parent
+
+# End-to-end: each test trains (or shares a trained) tiny model on local Ray, 1-3 min.
+pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("videos")
@@ -343,7 +346,6 @@ def _stop_head(head: subprocess.Popen, home: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ray_job_submit_runs_training(dataset: Path, tmp_path: Path) -> None:
     """`ray job submit` against a `ray start --head` cluster on loopback with token auth on:
