@@ -95,7 +95,8 @@ def main() -> None:
         dtype: load_config(DEMO_CONFIG, [
             f"data.root={workdir / 'data'}", f"data.feature_cache={workdir / dtype}",
             "data.use_feature_cache=true", f"data.cache_dtype={dtype}",
-            f"cluster.storage_path={workdir / 'ray'}",
+            # One Ray Train folder per dtype: train_variant names its runs by variant alone.
+            f"cluster.storage_path={workdir / f'ray-{dtype}'}",
             *([f"train.epochs={args.epochs}"] if args.epochs else []),
         ])
         for dtype in DTYPES
