@@ -24,18 +24,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_healthy(uri: str, proc: subprocess.Popen, log: Path) -> None:
-    """Poll `<uri>/health` until the server answers; fail early if the process died."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def wait_healthy(
+    uri: str, proc: subprocess.Popen, log: Path, timeout_s: float = STARTUP_TIMEOUT_S
+) -> None:
+    """Poll `<uri>/health` (the one path a login does not guard) until the server answers;
+    fail early, with its log, if the process died."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+            with urllib.request.urlopen(f"{uri}/health", timeout=5):
                 return
-        except (urllib.error.URLError, OSError):
+        except OSError:  # URLError, HTTPError, refused: not up yet
             time.sleep(0.3)
-    raise RuntimeError(f"mlflow server not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
+    raise RuntimeError(f"server not healthy after {timeout_s} s:\n{log.read_text()}")
 
 
 @contextlib.contextmanager
@@ -68,7 +71,7 @@ def running_mlflow_server(tmp_dir: str | Path, port: int | None = None) -> Itera
             command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        _wait_healthy(uri, proc, log)
+        wait_healthy(uri, proc, log)
         yield uri
     finally:
         _stop(proc)

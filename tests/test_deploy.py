@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.mlflow_server import _stop, free_port
+from tests.mlflow_server import _stop, free_port, wait_healthy
 from tests.tiny_run import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -424,28 +423,14 @@ def tracking_server(
         )
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(uri, proc, log)
+        # Longer than other servers' wait: the first start migrates two PostgreSQL schemas.
+        wait_healthy(uri, proc, log, SERVER_STARTUP_TIMEOUT_S)
         yield {
             "uri": uri, "admin_password": admin_password, "log": str(log),
             "artifacts": env["MLFLOW_ARTIFACTS_DESTINATION"],
         }
     finally:
         _stop(proc)
-
-
-def _wait_healthy(uri: str, proc: subprocess.Popen, log: Path) -> None:
-    """Poll /health, the one path the login does not guard. Longer than tests/mlflow_server's
-    wait: the first start migrates two PostgreSQL schemas, minutes on a busy 2-core machine."""
-    deadline = time.monotonic() + SERVER_STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve.sh exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=5):
-                return
-        except OSError:  # URLError, HTTPError, refused: not up yet
-            time.sleep(0.5)
-    raise RuntimeError(f"not healthy after {SERVER_STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
 
 
 def _request(
