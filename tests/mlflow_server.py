@@ -74,10 +74,10 @@ def running_mlflow_server(tmp_dir: str | Path, port: int | None = None) -> Itera
         wait_healthy(uri, proc, log)
         yield uri
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
     """Stop the server and its uvicorn worker: they share the session started for them."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)

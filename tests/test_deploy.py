@@ -21,9 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-from tests.mlflow_server import _stop, free_port, wait_healthy
-from tests.tiny_run import tiny_config
+from mlflow_server import free_port, stop_server, wait_healthy
+from tiny_run import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -430,7 +429,7 @@ def tracking_server(
             "artifacts": env["MLFLOW_ARTIFACTS_DESTINATION"],
         }
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def _request(
