@@ -115,7 +115,8 @@ def synthetic_batch(model_cfg: ModelConfig, mode: str, size: int, device: torch.
     rng = np.random.default_rng(0)
     t, k, s = model_cfg.clip_len, model_cfg.map_size, model_cfg.frame_size
     rows: dict[str, np.ndarray] = {
-        "label": rng.integers(0, model_cfg.num_classes, size), "video_id": np.arange(size)
+        "label": rng.integers(0, model_cfg.num_classes, size), "video_id": np.arange(size),
+        "clip_start": np.zeros(size, np.int64),
     }
     if mode == "cached_taps":
         for tap in model_cfg.taps:

@@ -244,7 +244,7 @@ def _plain_epochs(
             metrics, _ = train_epoch(core, core, train_batches, optimizer, cfg, device)
             scheduler.step()
             val_batches = iter_clip_batches(data.datasets["val"], batch, data.readers["val"])
-            preds, _ = predict_clips(core, val_batches, device)
+            preds, _, _ = predict_clips(core, val_batches, device)
             report = evaluate(preds, data.class_names)
             metrics |= {f"val_{k}": float(v) for k, v in report.metrics.items()}
             with tempfile.TemporaryDirectory(dir=workdir) as tmp:

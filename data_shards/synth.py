@@ -17,6 +17,7 @@ import av
 import numpy as np
 
 from data_shards.splits import ucf101_class_names
+from data_shards.targets import write_target_boxes
 
 FPS = 25
 # Directions (dy, dx) at speed 1; classes are direction x speed. Speeds are pixels per frame
@@ -91,19 +92,26 @@ def _pools(size: int, seed: int) -> dict[str, list]:
     }
 
 
-def _motion_frames(num_frames: int, size: int, dy: float, dx: float, look: dict) -> np.ndarray:
-    """uint8 [num_frames, size, size, 3]: a square moving by (dy, dx) per frame, wrapping."""
+def _motion_frames(
+    num_frames: int, size: int, dy: float, dx: float, look: dict
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """uint8 [num_frames, size, size, 3]: a square moving by (dy, dx) per frame, wrapping;
+    and its box in every frame, (top, left, side) in pixels (top, left in 0..size-1; the
+    square wraps past the right and bottom borders)."""
     frames = np.repeat(look["background"][None], num_frames, axis=0)
     side = look["side"]
     y0, x0 = look["start"]
     grid = np.arange(size)
+    boxes = []
     for t in range(num_frames):
+        top, left = round(y0 + dy * t) % size, round(x0 + dx * t) % size
         # Wrap around the borders so the square never leaves the frame.
-        ys = (round(y0 + dy * t) + np.arange(side)) % size
-        xs = (round(x0 + dx * t) + np.arange(side)) % size
+        ys = (top + np.arange(side)) % size
+        xs = (left + np.arange(side)) % size
         mask = np.isin(grid, ys)[:, None] & np.isin(grid, xs)[None, :]
         frames[t][mask] = look["colour"]
-    return frames
+        boxes.append((top, left, side))
+    return frames, boxes
 
 
 def write_video(
@@ -182,6 +190,8 @@ def synthesize_dataset(
 
     ucf101: out/UCF-101/<Class>/v_<Class>_gXX_cYY.avi and out/ucfTrainTestlist/.
     hmdb51: out/hmdb51/<class>/<class>_video_NN.avi and out/testTrainMulti_7030_splits/.
+    Both: out/target_boxes.parquet, the moving square's box in every frame (what the
+    attention should find, `data_shards.targets`).
     Returns `out_dir`, which `index_videos` accepts as the dataset root.
     """
     out = Path(out_dir)
@@ -190,6 +200,7 @@ def synthesize_dataset(
     scale = frame_size / 64
     rng = np.random.default_rng([seed, 1])
     files: dict[str, list[tuple[str, int]]] = {}
+    boxes: dict[str, list[tuple[int, int, int]]] = {}
     for name, dy, dx in specs:
         files[name] = []
         seen: dict[int, int] = {}
@@ -203,9 +214,12 @@ def synthesize_dataset(
                 rel = f"{name.lower()}_video_{i:02d}.avi"
                 video_path = out / "hmdb51" / name.lower() / rel
             look = _pick_look(pools, rng)
-            frames = _motion_frames(num_frames, frame_size, dy * scale, dx * scale, look)
+            frames, video_boxes = _motion_frames(
+                num_frames, frame_size, dy * scale, dx * scale, look
+            )
             write_video(video_path, frames)
             files[name].append((rel, group))
+            boxes[video_path.relative_to(out).as_posix()] = video_boxes
     if layout == "ucf101":
         _write_ucf_splits(out, [name for name, _, _ in specs], files)
     else:
@@ -220,6 +234,7 @@ def synthesize_dataset(
                 (split_dir / f"{name.lower()}_test_split{split}.txt").write_bytes(
                     _crlf(lines).encode()
                 )
+    write_target_boxes(out, boxes, frame_size)
     return out
 
 
@@ -265,7 +280,7 @@ def synthesize_from_splits(
             continue
         dy, dx = velocities[label_of[rel.split("/")[0]]]
         look = _pick_look(pools, np.random.default_rng([seed, 2, position]))
-        frames = _motion_frames(num_frames, frame_size, dy * scale, dx * scale, look)
+        frames, _ = _motion_frames(num_frames, frame_size, dy * scale, dx * scale, look)
         write_video(out / "UCF-101" / rel, frames)
     # The lists are written last, so a folder that has them holds every video they list.
     split_dir = out / "ucfTrainTestlist"

@@ -121,8 +121,11 @@ def activity_map(maps: Tensor, eps: float = 1e-8) -> Tensor:
     return activity / (activity.sum(dim=-1, keepdim=True) + eps)
 
 
-def attention_regularization(maps: Tensor, attention: Tensor) -> Tensor:
-    """R = sum_t sum_i (m_{t,i} - att_{t,i})^2 per sample, the attention held as the target.
+def attention_regularization(maps: Tensor, attention: Tensor, train_attention: bool) -> Tensor:
+    """R = sum_t sum_i (m_{t,i} - att_{t,i})^2 per sample.
+
+    The attention is the target (detached) unless `train_attention`: then R's gradient also
+    pulls the attention toward the convnet's activity map (MODEL_SPEC section 2).
 
     Args:
         maps: ``[B, T, C, K, K]`` non-negative temporal-conv output Y.
@@ -131,4 +134,5 @@ def attention_regularization(maps: Tensor, attention: Tensor) -> Tensor:
     Returns:
         ``[B]``.
     """
-    return (activity_map(maps) - attention.detach()).pow(2).sum(dim=(-2, -1))
+    target = attention if train_attention else attention.detach()
+    return (activity_map(maps) - target).pow(2).sum(dim=(-2, -1))

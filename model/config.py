@@ -58,6 +58,11 @@ class ModelConfig(BaseModel):
         "leaves only what changes over time (for a random, untrained backbone)",
     )
     attention_reg_weight: float = Field(1000.0, ge=0.0, description="lambda")
+    attention_reg_grad: Literal["conv", "conv_and_attention"] = Field(
+        "conv",
+        description="what R trains: the temporal convnet toward the attention (the paper), "
+        "or also the attention toward the convnet's activity",
+    )
     supervision_weight: float = Field(1.0, ge=0.0, description="alpha")
     prediction: Literal["vote", "prob"] = "vote"
 

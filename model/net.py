@@ -163,8 +163,9 @@ class JointAttentionNet(nn.Module):
         attention_maps = torch.stack(attention, dim=2)  # [B, nb, T, K*K]
         if has_temporal:
             logits = torch.stack(branch_logits, dim=1)
+            train_attention = self.cfg.attention_reg_grad == "conv_and_attention"
             reg = sum(
-                attention_regularization(maps[:, b], attention_maps[:, b])
+                attention_regularization(maps[:, b], attention_maps[:, b], train_attention)
                 for b in range(num_branches)
             )
         else:

@@ -22,6 +22,7 @@ from orchestration.trainer import train_splits
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_CLASSES = 4
 DEMO_VIDEOS_PER_CLASS = 24
+ON_TARGET = "val_attention_on_target"
 
 
 def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) -> int:
@@ -53,9 +54,19 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     print("[4/4] training with Ray Train (2 DDP workers), evaluating, logging to MLflow")
     results = train_splits(cfg, [cfg.data.split])
     print_results(results)
+    metrics = results[0].metrics
     chance = 1 / len(class_names(manifest))
     print(
         f"demo finished in {time.perf_counter() - started:.0f} s; "
-        f"video top-1 {results[0].metrics['val_video_top1_vote']:.1%} (chance {chance:.0%})"
+        f"video top-1 {metrics['val_video_top1_vote']:.1%} (chance {chance:.0%})"
     )
+    if "val_attention_on_target" in metrics:  # data written before the boxes were recorded
+        branches = ", ".join(
+            f"{key.removeprefix(ON_TARGET + '_')} {value:.2f}"
+            for key, value in metrics.items() if key.startswith(ON_TARGET + "_")
+        )
+        print(
+            f"attention on the moving square: {metrics[ON_TARGET]:.2f}x uniform "
+            f"({branches}; 1.0 = uniform attention)"
+        )
     return 0

@@ -263,3 +263,25 @@ def evaluate(preds: ClipPredictions, class_names: list[str]) -> EvalReport:
         per_class=per_class_table(preds, videos, list(class_names)),
         class_names=list(class_names),
     )
+
+
+def attention_on_target(attention: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """How much more of the attention falls on the target than uniform attention puts there.
+
+    The attention mass on the target's locations divided by their share of the grid
+    (1.0 = uniform, K*K / n for attention entirely on n target locations), averaged over
+    the steps of each clip.
+
+    Args:
+        attention: ``[N, nb, T, K*K]`` each branch's attention (rows sum to 1).
+        inside: ``[N, T, K*K]`` bool, the locations the target overlaps at each step.
+
+    Returns:
+        ``[N, nb]``.
+    """
+    inside = inside.astype(np.float64)
+    share = inside.mean(axis=-1)  # [N, T]
+    if (share == 0).any():
+        raise ValueError("every step needs a target location: a box is missing")
+    mass = (attention * inside[:, None]).sum(axis=-1)  # [N, nb, T]
+    return (mass / share[:, None]).mean(axis=-1)

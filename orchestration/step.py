@@ -35,6 +35,7 @@ class Batch:
     inputs: torch.Tensor | dict[str, torch.Tensor]
     labels: torch.Tensor
     video_ids: np.ndarray
+    clip_starts: np.ndarray
     ok: np.ndarray
     failures: list[BadClip] = field(default_factory=list)
 
@@ -46,7 +47,9 @@ class Batch:
             if isinstance(self.inputs, dict)
             else self.inputs[mask]
         )
-        return Batch(inputs, self.labels[mask], self.video_ids[keep], self.ok[keep])
+        return Batch(
+            inputs, self.labels[mask], self.video_ids[keep], self.clip_starts[keep], self.ok[keep]
+        )
 
 
 def to_batch(rows: dict[str, np.ndarray], device: torch.device) -> Batch:
@@ -65,7 +68,9 @@ def to_batch(rows: dict[str, np.ndarray], device: torch.device) -> Batch:
     else:
         frames = torch.as_tensor(np.asarray(rows["frames"]), device=device)
         inputs = normalize_frames(frames)
-    return Batch(inputs, labels, np.asarray(rows["video_id"]), ok, failures)
+    return Batch(
+        inputs, labels, np.asarray(rows["video_id"]), np.asarray(rows["clip_start"]), ok, failures
+    )
 
 
 def _tap_values(rows: dict[str, np.ndarray], tap: str, device: torch.device) -> torch.Tensor:

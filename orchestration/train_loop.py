@@ -32,10 +32,11 @@ import torch.distributed as dist
 from torch import nn
 
 from data_shards.datasets import ClipReader, iter_clip_batches
+from data_shards.targets import TargetCells
 from model import JointAttentionNet, ModelConfig, clip_scores
 from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig
-from orchestration.evaluate import ClipPredictions, EvalReport, evaluate
+from orchestration.evaluate import ClipPredictions, EvalReport, attention_on_target, evaluate
 from orchestration.step import BadClip, autocast, build_optimizer, to_batch, train_step
 
 EVAL_DIR = "eval"  # the epoch's evaluation report (metrics, per-class CSV, confusion matrix)
@@ -47,8 +48,9 @@ TRAIN_BAD_FRACTION = "train_bad_clip_fraction"
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; `loop_config` holds the validated config, the class names,
-    the number of test videos the split has and each dataset's clip reader (cached taps
-    are read here, in the worker: `data_shards.datasets.iter_clip_batches`)."""
+    the number of test videos the split has, each dataset's clip reader (cached taps
+    are read here, in the worker: `data_shards.datasets.iter_clip_batches`) and, on
+    synthetic data, where the moving target is (`targets`, or None)."""
     cfg = JlstmConfig.model_validate(loop_config["config"])
     class_names: list[str] = loop_config["class_names"]
     model_cfg = ModelConfig.model_validate(loop_config["model_config"])
@@ -90,7 +92,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Every worker scores its own shard of the test clips; rank 0 gets them all.
         evaluated = evaluate_shard(
             core, device, per_worker_batch, readers["val"], class_names,
-            loop_config["test_videos"],
+            loop_config["test_videos"], loop_config.get("targets"),
         )
         with tempfile.TemporaryDirectory() as tmp:
             report_checkpoint = None
@@ -171,6 +173,7 @@ def evaluate_shard(
     read: ClipReader | None,
     class_names: list[str],
     test_videos: int,
+    targets: TargetCells | None = None,
 ) -> tuple[dict[str, float], EvalReport, list[BadClip]] | None:
     """Score this worker's shard of `val`; rank 0 returns the metrics of all the shards,
     the report and every worker's failed clips.
@@ -178,17 +181,25 @@ def evaluate_shard(
     Each test clip is in exactly one shard (`SplitEvalDataConfig`), so it is scored once
     whatever the number of workers. A test video none of whose clips could be scored is
     counted in `val_videos_unscored` (the metrics cover `val_videos_scored` videos).
+    With `targets` (synthetic data), `val_attention_on_target[_<tap>]` says how strongly
+    the attention looks at the moving shape (`evaluate.attention_on_target`).
     """
     started = time.perf_counter()
     batches = iter_clip_batches(ray.train.get_dataset_shard("val"), batch_size, read)
-    preds, failures = predict_clips(core, batches, device)
+    preds, failures, on_target = predict_clips(core, batches, device, targets)
     preds = _gather_to_rank0([preds])
     failures = _gather_to_rank0(failures)
-    if preds is None or failures is None:
+    on_target = _gather_to_rank0(on_target)
+    if preds is None or failures is None or on_target is None:
         return None
     merged = ClipPredictions.concat(preds).sorted()
     report = evaluate(merged, class_names)
     out = {f"val_{k}": float(v) for k, v in report.metrics.items()}
+    if on_target:  # [clips, branches]: the mean over test clips (and steps) per branch
+        per_branch = np.concatenate(on_target).mean(axis=0)
+        out |= {f"val_attention_on_target_{tap}": float(v)
+                for tap, v in zip(core.cfg.taps, per_branch, strict=True)}
+        out["val_attention_on_target"] = float(per_branch.mean())
     scored = len(np.unique(merged.video_id))
     out |= {
         "val_bad_clips": float(len(failures)),
@@ -202,12 +213,17 @@ def evaluate_shard(
 
 @torch.no_grad()
 def predict_clips(
-    core: JointAttentionNet, batches: Iterable[dict[str, np.ndarray]], device: torch.device
-) -> tuple[ClipPredictions, list[BadClip]]:
-    """Clip scores (vote and prob) for every decodable clip, and the clips that failed."""
+    core: JointAttentionNet,
+    batches: Iterable[dict[str, np.ndarray]],
+    device: torch.device,
+    targets: TargetCells | None = None,
+) -> tuple[ClipPredictions, list[BadClip], list[np.ndarray]]:
+    """Clip scores (vote and prob) for every decodable clip, the clips that failed, and
+    with `targets` each scored clip's attention on target per branch ([n, nb] a batch)."""
     core.eval()
     parts: list[ClipPredictions] = []
     failures: list[BadClip] = []
+    on_target: list[np.ndarray] = []
     for rows in batches:
         batch = to_batch(rows, device)
         failures += batch.failures
@@ -225,9 +241,12 @@ def predict_clips(
                 scores_prob=clip_scores(logits, core.cfg.last_steps, "prob").cpu().numpy(),
             )
         )
+        inside = targets(batch.video_ids, batch.clip_starts) if targets else None
+        if inside is not None:
+            on_target.append(attention_on_target(out.attention.float().cpu().numpy(), inside))
     if not parts:  # a worker whose shard of the test clips came out empty
         parts.append(ClipPredictions.empty(core.cfg.num_classes))
-    return ClipPredictions.concat(parts), failures
+    return ClipPredictions.concat(parts), failures, on_target
 
 
 def write_bad_clips(directory: Path, failures: dict[str, list[BadClip]]) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import ray
 import ray.train
@@ -27,6 +28,7 @@ from data_shards.features import check_cache
 from data_shards.index import ensure_index
 from data_shards.manifest import BadDataError, check_bad_fraction, load_manifest, subset_videos
 from data_shards.splits import class_names
+from data_shards.targets import TargetCells, target_reader
 from model import JointAttentionNet, ModelConfig
 from orchestration import tracking
 from orchestration.attention_examples import attention_examples
@@ -66,6 +68,7 @@ class PreparedData:
     datasets: dict[str, ray.data.Dataset]
     readers: dict[str, ClipReader | None]  # what each dataset's consumer applies per batch
     test_videos: int
+    targets: TargetCells | None  # the moving shape's locations on synthetic data, else None
 
 
 def prepare_data(cfg: JlstmConfig) -> PreparedData:
@@ -74,9 +77,15 @@ def prepare_data(cfg: JlstmConfig) -> PreparedData:
     names = class_names(manifest)
     model_cfg = cfg.resolve_model(num_classes=len(names))
     datasets = build_datasets(cfg.data, model_cfg)
-    test_videos = subset_videos(load_manifest(cfg.data), "test")
+    table = load_manifest(cfg.data)
+    targets = target_reader(  # evaluation measures the test videos only
+        cfg.data.root, table.filter(pc.equal(table["subset"], "test")), model_cfg.map_size,
+        model_cfg.clip_len, cfg.data.frame_interval,
+    )
     readers = clip_readers(cfg.data, model_cfg)
-    return PreparedData(manifest, names, model_cfg, datasets, readers, test_videos)
+    return PreparedData(
+        manifest, names, model_cfg, datasets, readers, subset_videos(table, "test"), targets
+    )
 
 
 class SplitEvalDataConfig(ray.train.DataConfig):
@@ -134,6 +143,7 @@ def build_trainer(
             "class_names": data.class_names,
             "test_videos": data.test_videos,
             "readers": data.readers,
+            "targets": data.targets,
             "system_metrics": system_metrics,
         },
         scaling_config=ray.train.ScalingConfig(

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -17,9 +18,11 @@ from data_shards.splits import parse_hmdb51_splits, parse_ucf101_splits
 from data_shards.synth import (
     SPLIT_FILES,
     _grid_velocities,
+    _motion_frames,
     synthesize_dataset,
     synthesize_from_splits,
 )
+from data_shards.targets import TARGETS_FILE, box_cells
 
 REPO = Path(__file__).resolve().parents[1]
 UCF_LISTS = REPO / "tests" / "fixtures" / "ucfTrainTestlist"
@@ -201,3 +204,31 @@ def test_cli_synth_refuses_flags_the_split_lists_decide(tmp_path: Path) -> None:
     )
     assert refused.returncode == 2 and "drop --classes" in refused.stderr
     assert not (tmp_path / "UCF-101").exists()
+
+
+def test_target_boxes_record_where_the_square_is_drawn(tmp_path: Path) -> None:
+    root = synthesize_dataset(tmp_path / "d", classes=2, videos_per_class=2, frame_size=32,
+                              num_frames=40)
+    boxes = pq.read_table(root / TARGETS_FILE).to_pandas()
+    videos = sorted(str(p.relative_to(root)) for p in root.rglob("*.avi"))
+    assert sorted(boxes["video"].unique()) == videos
+    assert (boxes.groupby("video")["frame"].count() == 40).all()
+    # The same draw as the generator: the box's pixels, wrapped, are the square's colour.
+    look = {"background": np.zeros((32, 32, 3), np.uint8), "colour": np.full(3, 200, np.uint8),
+            "side": 7, "start": (28, 3)}
+    frames, drawn = _motion_frames(12, 32, 1.5, -3.0, look)
+    for frame, (top, left, side) in zip(frames, drawn, strict=True):
+        ys, xs = (top + np.arange(side)) % 32, (left + np.arange(side)) % 32
+        assert (frame[np.ix_(ys, xs)] == 200).all()
+        assert (frame != 0).any(axis=2).sum() == side * side  # nothing drawn outside it
+
+
+def test_box_cells_cover_every_location_the_box_touches_wrapping() -> None:
+    # 32 px frame, 4 x 4 grid (8 px a location): a 10 px box at (6, 6) spans rows/cols 0-1.
+    cells = box_cells(6, 6, 10, 32, 4).reshape(4, 4)
+    assert cells[:2, :2].all() and cells.sum() == 4
+    # At (28, 30) it wraps: rows 3 and 0-0, cols 3 and 0.
+    cells = box_cells(28, 30, 10, 32, 4).reshape(4, 4)
+    assert set(zip(*np.nonzero(cells), strict=True)) == {(3, 3), (3, 0), (0, 3), (0, 0)}
+    # A box inside one location.
+    assert box_cells(9, 17, 4, 32, 4).reshape(4, 4)[1, 2] and box_cells(9, 17, 4, 32, 4).sum() == 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orchestration import plots
-from orchestration.evaluate import ClipPredictions, evaluate, top_k_correct
+from orchestration.evaluate import ClipPredictions, attention_on_target, evaluate, top_k_correct
 
 CLASS_NAMES = ["a", "b", "c", "d"]  # "d" has no test videos at all
 
@@ -181,3 +181,25 @@ def test_upsample_attention_matches_torch_bilinear() -> None:
         align_corners=False,
     ).reshape(2, 3, 12, 12)
     np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-12)
+
+
+def test_attention_on_target_is_one_for_uniform_and_grid_over_box_inside() -> None:
+    k2, steps = 36, 4
+    inside = np.zeros((2, steps, k2), dtype=bool)
+    inside[0, :, [0, 1, 6, 7]] = True  # a 2 x 2 box
+    inside[1, :, 14] = True  # a one-location box
+    uniform = np.full((2, 1, steps, k2), 1 / k2)
+    assert np.allclose(attention_on_target(uniform, inside), 1.0)
+    # All of the attention spread over the box's locations: K*K / box locations.
+    on_box = inside[:, None].astype(float) / inside.sum(-1, keepdims=True)[:, None]
+    assert np.allclose(attention_on_target(on_box, inside), [[k2 / 4], [k2 / 1]])
+    # Two branches, one looking away from the box: 0 for that branch.
+    away = np.where(inside[:, None], 0.0, 1.0)
+    away /= away.sum(-1, keepdims=True)
+    both = np.concatenate([on_box, away], axis=1)
+    assert np.allclose(attention_on_target(both, inside), [[k2 / 4, 0.0], [k2, 0.0]])
+    # Half the steps on the box, half uniform: the mean over the steps.
+    half = np.concatenate([on_box[:, :, :2], uniform[:, :, 2:]], axis=2)
+    assert np.allclose(attention_on_target(half, inside)[:, 0], [(9 + 1) / 2, (36 + 1) / 2])
+    with pytest.raises(ValueError, match="box is missing"):
+        attention_on_target(uniform, np.zeros_like(inside))

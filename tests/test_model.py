@@ -162,21 +162,26 @@ def test_regularization_is_zero_exactly_when_attention_matches_the_activity_map(
     target = activity_map(maps)
     torch.testing.assert_close(target.sum(-1), torch.ones(2, 6))
 
-    assert torch.allclose(attention_regularization(maps, target), torch.zeros(2), atol=1e-12)
+    assert torch.allclose(attention_regularization(maps, target, False), torch.zeros(2), atol=1e-12)
     other = torch.rand(2, 6, 16).softmax(-1)
     expected = (target - other).pow(2).sum(dim=(1, 2))
-    reg = attention_regularization(maps, other)
+    reg = attention_regularization(maps, other, False)
     assert (reg > 0).all()
     torch.testing.assert_close(reg, expected)
 
 
-def test_regularization_pulls_the_convnet_not_the_attention() -> None:
-    net = small_net(conv3d_grad_from_lstm=False)
+@pytest.mark.parametrize("grad", ["conv", "conv_and_attention"])
+def test_regularization_pulls_the_convnet_and_the_attention_only_when_asked(grad: str) -> None:
+    net = small_net(conv3d_grad_from_lstm=False, attention_reg_grad=grad)
     out = net.forward_taps(random_taps(net))
     out.attention_reg.sum().backward()
     conv = net.branches["pool4"].temporal.convs[0].weight
     assert conv.grad is not None and conv.grad.abs().sum() > 0
-    assert net.attention.logits.weight.grad is None
+    attention = net.attention.logits.weight.grad
+    if grad == "conv":
+        assert attention is None
+    else:
+        assert attention is not None and attention.abs().sum() > 0
 
 
 def _same_weights_other_fusion(net: JointAttentionNet) -> JointAttentionNet:
