@@ -3,7 +3,8 @@ end here as one line and an exit code, never a traceback.
 
 Exit codes: 0 done, 2 config error or a missing file (or `jlstm plan`: does not fit), 3
 tracking server unreachable, 4 data error (too many bad videos or clips, a stale cache),
-5 the run name is being trained by another process, 130 a sweep stopped by Ctrl+C.
+5 the run name is being trained by another process, 130 a sweep stopped by Ctrl+C;
+`jlstm reproduce` 1 when some of its runs failed (the next call resumes them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from orchestration.config import ConfigError
 from orchestration.session import RunInUse
 from orchestration.tracking import TrackingUnavailable
 from tune_spaces.cli import add_tune_command
+from tune_spaces.paper_cli import add_paper_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(data_commands)
     add_run_commands(commands, data_commands)
     add_tune_command(commands)
+    add_paper_commands(commands)
     return parser
 
 

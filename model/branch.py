@@ -83,8 +83,10 @@ def init_relu_convs_(module: nn.Module) -> None:
 class Branch(nn.Module):
     """Everything h-independent of one tap, batched over all T steps.
 
-    ``forward(taps: [B, T, 512, K, K])`` returns ``Y``: ``[B, T, C, K, K]`` (non-negative) and
-    the deep supervision logits ``[B, T, num_classes]`` (None when ``temporal`` is ``none``).
+    ``forward(taps: [B, T, 512, K, K])`` returns ``Y``: ``[B, T, C, K, K]`` (non-negative),
+    the deep supervision logits ``[B, T, num_classes]`` (None when ``temporal`` is ``none``)
+    and ``X``, the adapted maps the temporal convnet reads (``[B, T, C, K, K]``, ``Y`` itself
+    when there is no temporal convnet).
     """
 
     def __init__(
@@ -106,13 +108,13 @@ class Branch(nn.Module):
             self.head = SupervisionHead(channels, supervision_hidden, num_classes)
         init_relu_convs_(self)
 
-    def forward(self, taps: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, taps: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         weight = self.adapter[0].weight
-        maps = self.adapter(taps.flatten(0, 1).to(weight.dtype)).unflatten(0, taps.shape[:2])
+        adapted = self.adapter(taps.flatten(0, 1).to(weight.dtype)).unflatten(0, taps.shape[:2])
         if self.temporal is None or self.head is None:
-            return maps, None
-        maps = self.temporal(maps)
-        return maps, self.head(maps)
+            return adapted, None, adapted
+        maps = self.temporal(adapted)
+        return maps, self.head(maps), adapted
 
 
 def activity_map(maps: Tensor, eps: float = 1e-8) -> Tensor:
@@ -121,18 +123,26 @@ def activity_map(maps: Tensor, eps: float = 1e-8) -> Tensor:
     return activity / (activity.sum(dim=-1, keepdim=True) + eps)
 
 
-def attention_regularization(maps: Tensor, attention: Tensor, train_attention: bool) -> Tensor:
+def attention_regularization(
+    maps: Tensor, attention: Tensor, grad: Literal["conv", "attention", "conv_and_attention"]
+) -> Tensor:
     """R = sum_t sum_i (m_{t,i} - att_{t,i})^2 per sample.
 
-    The attention is the target (detached) unless `train_attention`: then R's gradient also
-    pulls the attention toward the convnet's activity map (MODEL_SPEC section 2).
+    `grad` says which side R trains (MODEL_SPEC section 2): ``conv`` pulls the convnet's
+    activity map m toward the attention (the attention detached, the paper), ``attention``
+    pulls the attention toward m (m detached), ``conv_and_attention`` both.
 
     Args:
-        maps: ``[B, T, C, K, K]`` non-negative temporal-conv output Y.
+        maps: ``[B, T, C, K, K]`` non-negative maps: the temporal convnet's output Y, or its
+            input X (``ModelConfig.attention_reg_maps``).
         attention: ``[B, T, K*K]``.
 
     Returns:
         ``[B]``.
     """
-    target = attention if train_attention else attention.detach()
-    return (activity_map(maps) - target).pow(2).sum(dim=(-2, -1))
+    activity = activity_map(maps)
+    if grad == "attention":
+        activity = activity.detach()
+    if grad == "conv":
+        attention = attention.detach()
+    return (activity - attention).pow(2).sum(dim=(-2, -1))

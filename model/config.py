@@ -58,10 +58,15 @@ class ModelConfig(BaseModel):
         "leaves only what changes over time (for a random, untrained backbone)",
     )
     attention_reg_weight: float = Field(1000.0, ge=0.0, description="lambda")
-    attention_reg_grad: Literal["conv", "conv_and_attention"] = Field(
+    attention_reg_maps: Literal["output", "input"] = Field(
+        "output",
+        description="whose activity map R compares with the attention: the temporal "
+        "convnet's output Y (the paper's text) or its input X (the paper's formula)",
+    )
+    attention_reg_grad: Literal["conv", "attention", "conv_and_attention"] = Field(
         "conv",
         description="what R trains: the temporal convnet toward the attention (the paper), "
-        "or also the attention toward the convnet's activity",
+        "the attention toward the convnet's activity map, or both",
     )
     supervision_weight: float = Field(1.0, ge=0.0, description="alpha")
     prediction: Literal["vote", "prob"] = "vote"

@@ -128,16 +128,17 @@ class JointAttentionNet(nn.Module):
 
     def forward_taps(self, taps: dict[str, Tensor]) -> ModelOutput:
         """Everything after the backbone. ``taps[tap]: [B, T, 512, K, K]``, any float dtype."""
-        branch_maps, branch_logits = [], []
+        branch_maps, branch_logits, branch_inputs = [], [], []
         for tap, branch in self.branches.items():
             tap_maps = taps[tap]
             if self.cfg.center_taps:
                 # A random VGG16 maps every frame of a clip to nearly the same taps (static
                 # content dominates); without the clip's mean, the motion is what is left.
                 tap_maps = tap_maps.float() - tap_maps.float().mean(dim=1, keepdim=True)
-            maps, logits = branch(tap_maps)
+            maps, logits, adapted = branch(tap_maps)
             branch_maps.append(maps)
             branch_logits.append(logits)
+            branch_inputs.append(adapted)
         maps = torch.stack(branch_maps, dim=1)  # Y: [B, nb, T, C, K, K]
         batch, num_branches, steps = maps.shape[:3]
         has_temporal = self.cfg.temporal != "none"
@@ -163,9 +164,11 @@ class JointAttentionNet(nn.Module):
         attention_maps = torch.stack(attention, dim=2)  # [B, nb, T, K*K]
         if has_temporal:
             logits = torch.stack(branch_logits, dim=1)
-            train_attention = self.cfg.attention_reg_grad == "conv_and_attention"
+            regularized = branch_maps if self.cfg.attention_reg_maps == "output" else branch_inputs
             reg = sum(
-                attention_regularization(maps[:, b], attention_maps[:, b], train_attention)
+                attention_regularization(
+                    regularized[b], attention_maps[:, b], self.cfg.attention_reg_grad
+                )
                 for b in range(num_branches)
             )
         else:

@@ -175,9 +175,58 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> JlstmConfi
         raise ConfigError(f"{source}: {_format_errors(err)}") from None
 
 
+BASE_KEY = "base_config"
+
+
+def deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `child` laid over it: sections merge key by key, anything else (values,
+    lists) is replaced by the child's. Neither argument is changed."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_raw(path: str | Path) -> dict[str, Any]:
+    """The mapping of run config `path` with its `base_config` chain resolved.
+
+    A config may name `base_config: <path relative to this file>`: the base is read first
+    (itself maybe with a base) and this file's keys are merged over it, so the paper's
+    settings live once per dataset and each variant's file says only what differs. A
+    missing base or a cycle is a ConfigError naming the file.
+    """
+    chain: list[Path] = []
+    raw: dict[str, Any] = {}
+    current: Path | None = Path(path)
+    layers: list[dict[str, Any]] = []
+    while current is not None:
+        resolved = current.resolve()
+        if resolved in chain:
+            cycle = " -> ".join(str(p) for p in [*chain, resolved])
+            raise ConfigError(f"{chain[-1]}: {BASE_KEY} makes a cycle: {cycle}")
+        what = "config file" if not chain else f"{BASE_KEY} of {chain[-1]}:"
+        layer = read_yaml_mapping(current, what)
+        chain.append(resolved)
+        base = layer.pop(BASE_KEY, None)
+        layers.append(layer)
+        if base is None:
+            current = None
+        elif not isinstance(base, str) or not base:
+            raise ConfigError(f"{current}: {BASE_KEY} = {base!r}: expected a YAML file path")
+        else:
+            current = resolved.parent / base
+    for layer in reversed(layers):
+        raw = deep_merge(raw, layer)
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JlstmConfig:
-    """Read a YAML config, apply `--set` overrides, validate; raise ConfigError naming the key."""
-    raw = read_yaml_mapping(Path(path), "config file")
+    """Read a YAML config (with its `base_config` chain), apply `--set` overrides,
+    validate; raise ConfigError naming the key."""
+    raw = read_config_raw(path)
     return validate_config(apply_overrides(raw, overrides or []), source=str(path))
 
 

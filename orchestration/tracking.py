@@ -389,18 +389,24 @@ def check_same_config(cfg: JlstmConfig, run_id: str) -> None:
     MLflow params cannot change, and a checkpoint trained under other settings would be
     continued as if nothing changed. ConfigError lists the differing keys.
     """
+    details = config_differences(cfg, run_id)
+    if details:
+        raise ConfigError(
+            f"run {cfg.resolved_run_name()!r} exists with another config ({details}): "
+            "re-run with its config to resume it, or add --new-run to start a new run"
+        )
+
+
+def config_differences(cfg: JlstmConfig, run_id: str) -> str:
+    """The keys (what the run learns, not where it runs) on which `cfg` differs from the
+    config run `run_id` logged, as `key: run has X, config has Y; ...`; empty when none."""
     logged = MlflowClient().get_run(run_id).data.params
     wanted = flatten_params(cfg.model_dump(mode="json"))
     differ = sorted(
         key for key, value in wanted.items()
         if key in logged and logged[key] != value and not key.startswith(RESUMABLE_PREFIXES)
     )
-    if differ:
-        details = "; ".join(f"{k}: run has {logged[k]}, config has {wanted[k]}" for k in differ)
-        raise ConfigError(
-            f"run {cfg.resolved_run_name()!r} exists with another config ({details}): "
-            "re-run with its config to resume it, or add --new-run to start a new run"
-        )
+    return "; ".join(f"{k}: run has {logged[k]}, config has {wanted[k]}" for k in differ)
 
 
 def end_run(run_id: str, status: str) -> None:
@@ -511,7 +517,14 @@ def log_dataset(cfg: JlstmConfig, run_id: str) -> str:
     context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="train+test")
     logged = {d.dataset.digest for d in MlflowClient().get_run(run_id).inputs.dataset_inputs}
     if digest not in logged:  # a resumed run logs its dataset once
-        MlflowClient().log_inputs(
-            run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])]
-        )
+        inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[context])]
+        try:
+            MlflowClient().log_inputs(run_id, inputs)
+        except MlflowException as err:
+            # Runs of one split starting side by side (a sweep, `jlstm reproduce`) insert
+            # the experiment's dataset row at once; the store refuses all but one. The row
+            # exists now, and a second call links this run to it.
+            if "UNIQUE" not in str(err).upper() and "duplicate key" not in str(err):
+                raise
+            MlflowClient().log_inputs(run_id, inputs)
     return digest

@@ -80,5 +80,5 @@ def test_shipped_sweep_configs_validate(path: Path) -> None:
     from tune_spaces.spaces import load_sweep
 
     sweep, base = load_sweep(path)
-    assert {"model.attention_reg_weight", "train.weight_decay"} <= set(sweep.space)
+    assert "model.attention_reg_weight" in sweep.space  # every shipped sweep varies lambda
     assert validate_config(base, source=str(path)).variant

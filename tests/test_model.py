@@ -162,26 +162,27 @@ def test_regularization_is_zero_exactly_when_attention_matches_the_activity_map(
     target = activity_map(maps)
     torch.testing.assert_close(target.sum(-1), torch.ones(2, 6))
 
-    assert torch.allclose(attention_regularization(maps, target, False), torch.zeros(2), atol=1e-12)
+    reg = attention_regularization(maps, target, "conv")
+    assert torch.allclose(reg, torch.zeros(2), atol=1e-12)
     other = torch.rand(2, 6, 16).softmax(-1)
     expected = (target - other).pow(2).sum(dim=(1, 2))
-    reg = attention_regularization(maps, other, False)
+    reg = attention_regularization(maps, other, "conv")
     assert (reg > 0).all()
     torch.testing.assert_close(reg, expected)
 
 
-@pytest.mark.parametrize("grad", ["conv", "conv_and_attention"])
-def test_regularization_pulls_the_convnet_and_the_attention_only_when_asked(grad: str) -> None:
+@pytest.mark.parametrize("grad", ["conv", "attention", "conv_and_attention"])
+def test_regularization_trains_the_side_it_is_asked_to(grad: str) -> None:
     net = small_net(conv3d_grad_from_lstm=False, attention_reg_grad=grad)
     out = net.forward_taps(random_taps(net))
     out.attention_reg.sum().backward()
-    conv = net.branches["pool4"].temporal.convs[0].weight
-    assert conv.grad is not None and conv.grad.abs().sum() > 0
+    conv = net.branches["pool4"].temporal.convs[0].weight.grad
     attention = net.attention.logits.weight.grad
-    if grad == "conv":
-        assert attention is None
-    else:
-        assert attention is not None and attention.abs().sum() > 0
+    trained = {
+        "conv": conv is not None and bool(conv.abs().sum() > 0),
+        "attention": attention is not None and bool(attention.abs().sum() > 0),
+    }
+    assert trained == {"conv": grad != "attention", "attention": grad != "conv"}
 
 
 def _same_weights_other_fusion(net: JointAttentionNet) -> JointAttentionNet:
@@ -426,3 +427,13 @@ def test_center_taps_keeps_only_what_changes_over_time() -> None:
         )
     torch.testing.assert_close(out_a, out_b)
     assert not torch.allclose(out_a, out_moving)
+
+
+def test_regularization_of_the_input_maps_trains_the_adapter_not_the_temporal_convnet() -> None:
+    net = small_net(conv3d_grad_from_lstm=False, attention_reg_maps="input")
+    out = net.forward_taps(random_taps(net))
+    out.attention_reg.sum().backward()
+    branch = net.branches["pool4"]
+    assert branch.adapter[0].weight.grad is not None
+    assert branch.adapter[0].weight.grad.abs().sum() > 0
+    assert branch.temporal.convs[0].weight.grad is None

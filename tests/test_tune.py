@@ -149,6 +149,33 @@ def test_set_routes_to_the_sweep_or_the_base_config(tmp_path: Path) -> None:
     }
 
 
+def test_a_grid_runs_every_value_in_every_repetition(tmp_path: Path) -> None:
+    from ray import tune
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(_base_config(tmp_path)))
+    space = {
+        "model.attention_reg_weight": {"grid": [0.0, 1.0, 1000.0]},
+        "model.attention_reg_grad": {"grid": ["conv", "conv_and_attention"]},
+        "model.taps": {"choice": [["pool4"], ["pool4", "conv5_3"]]},
+    }
+    sweep, _ = load_sweep(_write_sweep(tmp_path / "g.yaml", base, space=space,
+                                       include_paper_point=False, num_samples=2))
+    assert sweep.num_trials == 2 * 3 * 2
+    tuned = sweep.tune_space()
+    assert tuned["model.attention_reg_weight"] == tune.grid_search([0.0, 1.0, 1000.0])
+    assert sweep.decode({"model.attention_reg_grad": "conv"}) == {
+        "model.attention_reg_grad": "conv"
+    }
+    # Every grid value is validated as a run config; Optuna cannot run a grid.
+    bad = {**space, "model.attention_reg_grad": {"grid": ["conv", "attention_only"]}}
+    with pytest.raises(ConfigError, match="attention_reg_grad"):
+        load_sweep(_write_sweep(tmp_path / "b.yaml", base, space=bad, include_paper_point=False))
+    with pytest.raises(ConfigError, match="grid needs searcher: random"):
+        load_sweep(_write_sweep(tmp_path / "o.yaml", base, space=space,
+                                include_paper_point=False, searcher="optuna"))
+
+
 def test_concurrency_leaves_a_cpu_to_ray_data(tmp_path: Path) -> None:
     base = tmp_path / "base.yaml"
     raw = _base_config(tmp_path)

@@ -64,3 +64,29 @@ def plot_metric_vs_lambda_zeta(trials: pd.DataFrame, metric: str, path: str | Pa
     path = Path(path)
     fig.savefig(path, format="png")
     return path
+
+
+def plot_epoch_curves(
+    curves: dict[str, dict[str, list[tuple[int, float]]]], metrics: list[str], path: str | Path
+) -> Path:
+    """One panel per metric, one line per trial: the metric against the epoch (the paper's
+    Figure 5 is the LSTM's loss this way, with and without the regularization).
+
+    `curves` maps a trial's label (its swept values) to `{metric: [(epoch, value), ...]}`;
+    a trial without a metric is left out of that panel.
+    """
+    fig = Figure(figsize=(FIGSIZE[0], 4.0 * len(metrics)), dpi=DPI)
+    axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        for label, trial in curves.items():
+            points = sorted(trial.get(metric, []))
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel("epoch")
+    axes[0].legend(loc="best", fontsize="x-small")
+    fig.suptitle("every trial, epoch by epoch")
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path

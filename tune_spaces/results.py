@@ -29,12 +29,16 @@ from tune_spaces.report import (
     LAMBDA_KEY,
     TAPS_KEY,
     ZETA_KEY,
+    plot_epoch_curves,
     plot_metric_vs_lambda_zeta,
 )
 from tune_spaces.spaces import SweepConfig, trial_raw
 from tune_spaces.trial import CHECKPOINT_PATH_KEY, TRIAL_TAG
 
 STATUS_TAG = "jlstm.tune_status"
+# Drawn epoch by epoch for every trial on the parent run (the paper's Figure 5 is the first).
+CURVE_METRICS = ("loss_lstm", "loss_attention_reg", "val_video_top1_vote",
+                 "val_attention_on_target")
 
 
 @dataclass
@@ -71,7 +75,7 @@ def finish_sweep(
     runs = _trial_runs(client, experiment_id, parent_id)
     table = _trials_table(sweep, base, base_raw, grid, runs)
     result = SweepResult(
-        path, uri, parent_id, table, _interrupted(path, sweep.num_samples), sweep.metric
+        path, uri, parent_id, table, _interrupted(path, sweep.num_trials), sweep.metric
     )
     result.trial_epochs_run = int(table["epoch"].sum()) if len(table) else 0
     result.trial_epochs_full = len(table) * base.train.epochs
@@ -148,7 +152,7 @@ def _trial_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> dic
     return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
 
 
-def _interrupted(path: str, num_samples: int) -> bool:
+def _interrupted(path: str, num_trials: int) -> bool:
     """Whether Ctrl+C ended the sweep before every trial finished.
 
     Read from the experiment state Tune saved on disk (what `--resume` continues): after
@@ -157,7 +161,7 @@ def _interrupted(path: str, num_samples: int) -> bool:
     """
     trials = tune.ExperimentAnalysis(path).trials
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-    return bool(unfinished) or len(trials) < num_samples
+    return bool(unfinished) or len(trials) < num_trials
 
 
 def _status(row: Any) -> str:
@@ -201,6 +205,30 @@ def _log_parent(
             result.trials[result.trials["status"] == "ok"], sweep.metric,
             Path(tmp) / "metric_vs_lambda_zeta.png",
         )
-        for artifact in (table, best, plot):
+        curves = plot_epoch_curves(
+            _epoch_curves(client, sweep, result.trials), list(CURVE_METRICS),
+            Path(tmp) / "epoch_curves.png",
+        )
+        for artifact in (table, best, plot, curves):
             client.log_artifact(parent_id, str(artifact))
     client.set_terminated(parent_id, "FINISHED")
+
+
+def _epoch_curves(
+    client: MlflowClient, sweep: SweepConfig, trials: pd.DataFrame
+) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Each trial's CURVE_METRICS per epoch, read back from its MLflow run, labelled by
+    its swept values."""
+    curves = {}
+    for row in trials.itertuples():
+        if not row.mlflow_run_id:
+            continue
+        values = trials.loc[row.Index, [f"config/{k}" for k in sweep.space]]
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(sweep.space, values,
+                                                                       strict=True))
+        curves[label] = {
+            metric: [(m.step, m.value) for m in client.get_metric_history(row.mlflow_run_id,
+                                                                          metric)]
+            for metric in CURVE_METRICS
+        }
+    return curves

@@ -9,6 +9,8 @@
       model.fusion: {choice: [early, late]}
       model.taps: {choice: [[pool4], [conv5_3], [pool4, conv5_3]]}
 
+`{grid: [...]}` runs every value (Ray Tune's `grid_search`): each of the `num_samples`
+repetitions runs every combination of the grids, with the other keys sampled anew.
 Any key of the run config can be swept without code. Every key, each end of its range
 and each choice are validated against `JlstmConfig` when the sweep is loaded, so a typo
 or an impossible value is refused (naming the key) before any trial starts.
@@ -17,15 +19,24 @@ or an impossible value is refused (naming the key) before any trial starts.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from orchestration.config import (
     ConfigError,
     parse_override,
+    read_config_raw,
     read_yaml_mapping,
     set_dotted,
     validate_config,
@@ -42,7 +53,8 @@ PAPER_POINT: dict[str, Any] = {
 # Set by the sweep for every trial (run name, storage) or the same for all trials by design
 # (resources are planned once per sweep), so a space may not vary them.
 RESERVED_PREFIXES = ("run_name", "cluster.")
-DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+LISTED = ("choice", "grid")  # the kinds that list their values
 
 
 class _Strict(BaseModel):
@@ -50,9 +62,10 @@ class _Strict(BaseModel):
 
 
 class Dimension(_Strict):
-    """One swept key: a range (`loguniform`, `uniform`, `randint` inclusive) or a `choice`."""
+    """One swept key: a range (`loguniform`, `uniform`, `randint` inclusive), a `choice`
+    sampled from, or a `grid` whose every value runs."""
 
-    kind: Literal["loguniform", "uniform", "randint", "choice"]
+    kind: Literal["loguniform", "uniform", "randint", "choice", "grid"]
     low: float | None = None
     high: float | None = None
     options: list[Any] | None = None
@@ -66,9 +79,9 @@ class Dimension(_Strict):
         (kind, args), = spec.items()
         if kind not in DISTRIBUTIONS:
             raise ValueError(f"{key}: unknown distribution {kind!r}; use one of {DISTRIBUTIONS}")
-        if kind == "choice":
+        if kind in LISTED:
             if not isinstance(args, list) or not args:
-                raise ValueError(f"{key}: choice needs a non-empty list, got {args!r}")
+                raise ValueError(f"{key}: {kind} needs a non-empty list, got {args!r}")
             return cls(kind=kind, options=args)
         if (
             not isinstance(args, list | tuple)
@@ -92,20 +105,20 @@ class Dimension(_Strict):
         Optuna's categorical distribution takes only scalars, so a choice of lists (the
         branch sets) is passed as JSON strings and decoded in the trial.
         """
-        return self.kind == "choice" and any(
+        return self.kind in LISTED and any(
             not isinstance(o, str | int | float | bool | None) for o in self.options or []
         )
 
     def corners(self) -> list[Any]:
-        """The values that bound the dimension: both ends of a range, or every choice."""
-        if self.kind == "choice":
+        """The values that bound the dimension: both ends of a range, or every listed one."""
+        if self.kind in LISTED:
             return list(self.options or [])
         if self.kind == "randint":
             return [int(self.low or 0), int(self.high or 0)]
         return [self.low, self.high]
 
     def contains(self, value: Any) -> bool:
-        if self.kind == "choice":
+        if self.kind in LISTED:
             return value in (self.options or [])
         return (
             isinstance(value, int | float)
@@ -117,9 +130,9 @@ class Dimension(_Strict):
         """The Ray Tune domain (choices JSON-encoded when `encoded`)."""
         from ray import tune
 
-        if self.kind == "choice":
-            options = self.options or []
-            return tune.choice([json.dumps(o) for o in options] if self.encoded else options)
+        if self.kind in LISTED:
+            options = [self.encode(o) for o in self.options or []]
+            return tune.choice(options) if self.kind == "choice" else tune.grid_search(options)
         if self.kind == "loguniform":
             return tune.loguniform(self.low, self.high)
         if self.kind == "uniform":
@@ -176,6 +189,20 @@ class SweepConfig(_Strict):
                 raise ValueError(f"{key}: set by the sweep for every trial; it cannot be swept")
             parsed[key] = spec if isinstance(spec, Dimension) else Dimension.parse(key, spec)
         return parsed
+
+    @model_validator(mode="after")
+    def _grid_needs_the_random_searcher(self) -> SweepConfig:
+        grids = [key for key, dim in self.space.items() if dim.kind == "grid"]
+        if grids and self.searcher != "random":
+            raise ValueError(f"space {grids}: grid needs searcher: random (Optuna samples)")
+        return self
+
+    @property
+    def num_trials(self) -> int:
+        """Trials in all: num_samples times every grid's length (Tune's grid_search)."""
+        return self.num_samples * math.prod(
+            len(dim.options or []) for dim in self.space.values() if dim.kind == "grid"
+        )
 
     def tune_space(self) -> dict[str, Any]:
         """The Tuner's `param_space`: one flat entry per dotted key."""
@@ -241,9 +268,7 @@ def validate_sweep(raw: dict[str, Any], source: str = "<sweep>") -> tuple[SweepC
     base_path = Path(sweep.base_config)
     if not base_path.is_file():
         raise ConfigError(f"{source}: base_config = {sweep.base_config!r} does not exist")
-    base_raw = yaml.safe_load(base_path.read_text()) or {}
-    if not isinstance(base_raw, dict):
-        raise ConfigError(f"{base_path}: the top level must be a mapping of sections")
+    base_raw = read_config_raw(base_path)  # its own base_config chain resolved
     # Before the overrides, so that `overrides: {data.use_feature_cache: false}` still wins.
     base_raw = trial_raw(base_raw, {"data.use_feature_cache": sweep.use_feature_cache})
     base_raw = trial_raw(base_raw, sweep.overrides)

@@ -54,17 +54,28 @@ def ensure_cache(sweep: SweepConfig, base: JlstmConfig) -> None:
     Done once on the driver so concurrent trials neither index nor build a cache at the
     same time. The cache holds the union of the taps any trial can pick.
     """
-    manifest = ensure_index(base.data)
-    if not base.data.use_feature_cache:
-        return
     varied = [k for k in sweep.space if k in CACHE_KEYS]
-    if varied:
+    if varied and base.data.use_feature_cache:
         raise ConfigError(
             f"space varies {varied}, which change the feature cache; sweep them with "
             "data.use_feature_cache: false"
         )
+    ensure_index_and_cache(base, _union_taps(sweep, base))
+
+
+def ensure_index_and_cache(base: JlstmConfig, taps: list[str]) -> None:
+    """Index `base.data`'s videos and, when runs read cached taps, make sure its feature
+    cache holds `taps` (built on this driver when missing or stale).
+
+    Shared by sweeps and `jlstm reproduce`: runs that start side by side must find the
+    manifest and the cache ready, not build them at the same time.
+    """
+    manifest = ensure_index(base.data)
+    if not base.data.use_feature_cache:
+        return
     names = class_names(manifest)
-    union = base.resolve_model(len(names)).model_copy(update={"taps": _union_taps(sweep, base)})
+    ordered = sorted(set(taps), key=TAP_LAST_INDEX.__getitem__)  # VGG16's layer order
+    union = base.resolve_model(len(names)).model_copy(update={"taps": ordered})
     try:
         check_cache(base.data, union)
     except StaleCacheError as err:
@@ -118,7 +129,7 @@ def run_sweep(sweep: SweepConfig, base_raw: dict[str, Any], resume: bool = False
             "--resume or choose another name"
         )
     plan = plan_run(
-        base, max_runs=min(sweep.num_samples, sweep.max_concurrent_trials or sweep.num_samples),
+        base, max_runs=min(sweep.num_trials, sweep.max_concurrent_trials or sweep.num_trials),
         trial_cpus=sweep.trial_cpus,
     )
     log.info("resource plan: %s", plan)

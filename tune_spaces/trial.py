@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import ray.train
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -19,7 +20,7 @@ from orchestration import tracking
 from orchestration.checkpoint import CHECKPOINT_FILE, TrainState
 from orchestration.config import JlstmConfig, validate_config
 from orchestration.session import is_uri, plan_run, run_storage
-from orchestration.trainer import build_trainer, prepare_data
+from orchestration.trainer import PreparedData, build_trainer, prepare_data
 from tune_spaces.release import RegisterTrainRun
 from tune_spaces.spaces import SweepConfig, trial_raw
 
@@ -51,7 +52,7 @@ def run_trial(
     )
     run_id = tracking.start_run(cfg, experiment_id, parent_run_id)
     MlflowClient().set_tag(run_id, TRIAL_TAG, trial_id)
-    finished = _finished_checkpoint(cfg)
+    finished = finished_checkpoint(cfg)
     if finished is not None:
         # Interrupted after this trial's Train run ended but before Tune (and maybe MLflow)
         # took its last report: a new fit would train nothing and report nothing.
@@ -59,18 +60,27 @@ def run_trial(
         tracking.log_missing_epochs(run_id, history)
         tune.report({**history[-1], CHECKPOINT_PATH_KEY: str(finished)})
         return
+    callbacks = [TuneReportCallback(), RegisterTrainRun(registry_name, trial_id)]
+    fit_run(cfg, run_id, tracking_uri, callbacks)
+
+
+def fit_run(
+    cfg: JlstmConfig, run_id: str, tracking_uri: str, callbacks: list[ray.train.UserCallback]
+) -> tuple[ray.train.Result, PreparedData, str]:
+    """Fit `cfg`'s TorchTrainer inside a Tune trial, each epoch logged to MLflow run `run_id`.
+
+    Shared by sweep trials and `jlstm reproduce` runs. Returns the Train result, the
+    prepared data and the dataset digest, which `finish_run` takes.
+    """
     plan = plan_run(cfg)
     data = prepare_data(cfg)
-    tracking.log_run_inputs(cfg, run_id, data.model_cfg)
-    callbacks = [
-        tracking.MlflowEpochLogger(tracking_uri, run_id),
-        TuneReportCallback(),
-        RegisterTrainRun(registry_name, trial_id),
-    ]
-    build_trainer(cfg, data, plan, callbacks, run_id).fit()
+    digest = tracking.log_run_inputs(cfg, run_id, data.model_cfg)
+    callbacks = [tracking.MlflowEpochLogger(tracking_uri, run_id), *callbacks]
+    result = build_trainer(cfg, data, plan, callbacks, run_id).fit()
+    return result, data, digest
 
 
-def _finished_checkpoint(cfg: JlstmConfig) -> Path | None:
+def finished_checkpoint(cfg: JlstmConfig) -> Path | None:
     """The Train run's last checkpoint when it holds every epoch (local storage only)."""
     storage = run_storage(cfg)
     if is_uri(storage):
