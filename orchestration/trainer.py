@@ -26,7 +26,13 @@ from data_shards.config import DataConfig
 from data_shards.datasets import ClipReader, build_datasets, clip_readers
 from data_shards.features import check_cache
 from data_shards.index import ensure_index
-from data_shards.manifest import BadDataError, check_bad_fraction, load_manifest, subset_videos
+from data_shards.manifest import (
+    BadDataError,
+    check_bad_fraction,
+    dataset_digest,
+    load_manifest,
+    subset_videos,
+)
 from data_shards.splits import class_names
 from data_shards.targets import TargetCells, target_reader
 from model import JointAttentionNet, ModelConfig
@@ -68,7 +74,7 @@ class PreparedData:
     datasets: dict[str, ray.data.Dataset]
     readers: dict[str, ClipReader | None]  # what each dataset's consumer applies per batch
     test_videos: int
-    targets: TargetCells | None  # the moving shape's locations on synthetic data, else None
+    targets: TargetCells | None = None  # the moving shape's locations on synthetic data
 
 
 def prepare_data(cfg: JlstmConfig) -> PreparedData:
@@ -86,6 +92,18 @@ def prepare_data(cfg: JlstmConfig) -> PreparedData:
     return PreparedData(
         manifest, names, model_cfg, datasets, readers, subset_videos(table, "test"), targets
     )
+
+
+def finishing_data(cfg: JlstmConfig) -> tuple[PreparedData, str]:
+    """What `finish_run` needs for a run whose training ended earlier (a sweep's best
+    trial, a run found finished): manifest, classes and model (no dataset is built, none
+    is read), and the dataset digest."""
+    manifest = ensure_index(cfg.data)
+    names = class_names(manifest)
+    data = PreparedData(
+        manifest, names, cfg.resolve_model(len(names)), datasets={}, readers={}, test_videos=0
+    )
+    return data, dataset_digest(load_manifest(cfg.data))
 
 
 class SplitEvalDataConfig(ray.train.DataConfig):

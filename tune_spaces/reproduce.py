@@ -54,6 +54,7 @@ from tune_spaces.paper_report import (
     find_parent,
     log_report,
 )
+from tune_spaces.spaces import resolve_paths
 
 log = logging.getLogger(__name__)
 PAPER_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "paper"
@@ -69,9 +70,6 @@ TRIAL_CPUS = 0.01  # what each run's Tune driver function holds, as a sweep tria
 # Keys reproduce sets for every run: `--set` may not change them.
 RESERVED_KEYS = ("run_name", "variant", "data.split", "data.dataset", "data.manifest",
                  "tracking.experiment")
-PATH_KEYS = (("data", "root"), ("data", "splits_dir"), ("data", "manifest"),
-             ("data", "feature_cache"), ("model", "backbone_weights"),
-             ("cluster", "storage_path"))
 
 
 @dataclass
@@ -138,10 +136,7 @@ def run_config(
     cluster = raw.setdefault("cluster", {})
     storage = storage_uri(cluster.get("storage_path", "runs/ray"))
     cluster["storage_path"] = f"{storage.rstrip('/')}/reproduce/{safe_name(experiment)}"
-    for section, name in PATH_KEYS:
-        value = (raw.get(section) or {}).get(name)
-        if isinstance(value, str):
-            raw[section][name] = storage_uri(value)
+    resolve_paths(raw)
     return validate_config(raw, source=f"{source} for {key.name}")
 
 

@@ -15,12 +15,9 @@ from typing import Any
 import ray.train
 from mlflow.tracking import MlflowClient
 
-from data_shards.index import ensure_index
-from data_shards.manifest import dataset_digest, load_manifest
-from data_shards.splits import class_names
 from orchestration import tracking
 from orchestration.config import validate_config
-from orchestration.trainer import PreparedData, check_bad_clips, finish_run
+from orchestration.trainer import check_bad_clips, finish_run, finishing_data
 from tune_spaces.trial import finished_checkpoint, fit_run
 
 RUN_KEY = "run"  # the Tune config key: the run's name, a key of `runs`
@@ -53,12 +50,7 @@ def run_reproduce_trial(
         done = finished_checkpoint(cfg)
         if done is not None:
             checkpoint = ray.train.Checkpoint(str(done))
-            manifest = ensure_index(cfg.data)
-            names = class_names(manifest)
-            # finish_run reads no dataset, so none is built here.
-            data = PreparedData(manifest, names, cfg.resolve_model(len(names)), datasets={},
-                                readers={}, test_videos=0)
-            digest = dataset_digest(load_manifest(cfg.data))
+            data, digest = finishing_data(cfg)
         else:
             result, data, digest = fit_run(cfg, run_id, tracking_uri, [TuneReportCallback()])
             if result.checkpoint is None:

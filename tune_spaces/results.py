@@ -19,11 +19,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from data_shards.index import ensure_index
-from data_shards.manifest import dataset_digest, load_manifest
-from data_shards.splits import class_names
 from orchestration.config import JlstmConfig, validate_config
-from orchestration.trainer import PreparedData, SplitResult, finish_run
+from orchestration.trainer import SplitResult, finish_run, finishing_data
 from tune_spaces.report import (
     FUSION_KEY,
     LAMBDA_KEY,
@@ -175,14 +172,9 @@ def _register_best(
 ) -> SplitResult:
     """`finish_run` on the best trial's last checkpoint: artifacts, model, champion rule."""
     cfg = validate_config(trial_raw(base_raw, result.best_values or {}))
-    manifest = ensure_index(cfg.data)
-    names = class_names(manifest)
-    # finish_run reads no dataset, so none is built here.
-    data = PreparedData(
-        manifest, names, cfg.resolve_model(len(names)), datasets={}, readers={}, test_videos=0
-    )
+    data, digest = finishing_data(cfg)
     checkpoint = ray.train.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY])
-    return finish_run(cfg, run_id, checkpoint, data, dataset_digest(load_manifest(cfg.data)))
+    return finish_run(cfg, run_id, checkpoint, data, digest)
 
 
 def _log_parent(

@@ -231,8 +231,8 @@ def trial_raw(base_raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any
     return raw
 
 
-def _resolve_paths(raw: dict[str, Any]) -> None:
-    """Make the config's local paths absolute.
+def resolve_paths(raw: dict[str, Any]) -> None:
+    """Make the run config's local paths absolute, in place.
 
     Tune runs each trial in its own working directory, so a relative data root or cache
     would point elsewhere there.
@@ -272,7 +272,7 @@ def validate_sweep(raw: dict[str, Any], source: str = "<sweep>") -> tuple[SweepC
     # Before the overrides, so that `overrides: {data.use_feature_cache: false}` still wins.
     base_raw = trial_raw(base_raw, {"data.use_feature_cache": sweep.use_feature_cache})
     base_raw = trial_raw(base_raw, sweep.overrides)
-    _resolve_paths(base_raw)
+    resolve_paths(base_raw)
     base = validate_config(base_raw, source=f"{base_path} with the sweep's overrides")
     for key, dim in sweep.space.items():
         for value in dim.corners():
