@@ -79,10 +79,15 @@ def test_training_run_is_tracked(trained: tuple[JlstmConfig, SplitResult]) -> No
     assert run.data.params["train.epochs"] == str(EPOCHS)
     assert run.data.params["model.taps"] == '["conv4_3"]'
     assert run.data.tags["dataset"] == "ucf101" and run.data.tags["split"] == "1"
+    # Synthetic data: the attention on the moving square, per branch and overall.
     for metric in ("loss_total", "loss_lstm", "loss_supervision", "loss_attention_reg",
-                   "val_video_top1_vote"):
+                   "val_video_top1_vote", "val_attention_on_target",
+                   "val_attention_on_target_conv4_3"):
         steps = [m.step for m in client.get_metric_history(result.run_id, metric)]
         assert steps == list(range(1, EPOCHS + 1)), metric
+    assert run.data.metrics["val_attention_on_target"] == pytest.approx(
+        run.data.metrics["val_attention_on_target_conv4_3"]
+    )
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "evaluation")}
     assert "evaluation/confusion_matrix.png" in artifacts
     assert "evaluation/per_class_accuracy.csv" in artifacts
