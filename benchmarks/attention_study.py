@@ -14,6 +14,8 @@ Needs the demo's data and feature cache (`jlstm demo --workdir DIR` writes both)
 
     python benchmarks/attention_study.py --workdir runs/demo \
         --out benchmarks/results/attention_study.json
+    python benchmarks/attention_study.py --workdir runs/demo --at-init 3 \
+        --out benchmarks/results/attention_at_init.json   # the maps before training
 """
 
 from __future__ import annotations
@@ -138,6 +140,58 @@ def train_setting(cfg: JlstmConfig, overrides: dict[str, Any], epochs: int) -> d
     return {"overrides": overrides, "history": history, "final": history[-1]}
 
 
+def localization_at_init(cfg: JlstmConfig, seeds: int, clips: int) -> dict[str, Any]:
+    """Before any training: how much each map's activity sits on the moving square (the
+    `attention_on_target` of its activity map) for the first `clips` test clips.
+
+    Per tap: the cached taps themselves (raw, and centered over the clip as the demo
+    feeds them, activity = sum over channels of |x|), and per seed of a fresh net the
+    adapted maps X, the first temporal conv's output and Y.
+    """
+    manifest = load_manifest(cfg.data)
+    model_cfg = cfg.resolve_model(len(class_names(cfg.data.manifest_path())))
+    test = subset_clips(manifest, "test", model_cfg.clip_len,
+                        cfg.data.eval_stride_for(model_cfg.clip_len), cfg.data.frame_interval)
+    rows = next(batches(test.slice(0, clips), clip_readers(cfg.data, model_cfg)["val"], clips))
+    batch = to_batch(rows, torch.device("cpu"))
+    targets = target_reader(cfg.data.root, manifest.filter(pc.equal(manifest["subset"], "test")),
+                            model_cfg.map_size, model_cfg.clip_len, cfg.data.frame_interval)
+    inside = targets(batch.video_ids, batch.clip_starts)
+
+    def on_target(maps: torch.Tensor) -> float:  # [B, T, C, K, K], non-negative
+        return float(attention_on_target(activity_map(maps.float())[:, None].numpy(),
+                                         inside).mean())
+
+    result: dict[str, Any] = {"clips": len(batch.labels), "taps": {}, "seeds": []}
+    for tap, taps in batch.inputs.items():
+        taps = taps.float()
+        centered = taps - taps.mean(dim=1, keepdim=True)
+        result["taps"][tap] = {"raw": on_target(taps.abs()),
+                               "centered": on_target(centered.abs())}
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        net = JointAttentionNet(model_cfg).eval()
+        outputs: dict[tuple[str, str], Any] = {}
+        for tap, branch in net.branches.items():
+            # convs[1] is the first conv's ReLU; the branch returns (Y, logits, X).
+            branch.temporal.convs[1].register_forward_hook(partial(_keep, outputs, (tap, "conv")))
+            branch.register_forward_hook(partial(_keep, outputs, (tap, "branch")))
+        with torch.no_grad():
+            net(batch.inputs)
+        result["seeds"].append({
+            tap: {"X": on_target(outputs[tap, "branch"][2]),
+                  "first_conv": on_target(outputs[tap, "conv"].transpose(1, 2)),
+                  "Y": on_target(outputs[tap, "branch"][0])}
+            for tap in net.branches
+        })
+    return result
+
+
+def _keep(store: dict, key: tuple[str, str], module, inputs, output) -> None:
+    """A forward hook: keep the module's output under `key`."""
+    store[key] = output
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/demo", help="the demo's --workdir")
@@ -147,12 +201,19 @@ def main() -> None:
     parser.add_argument("--grads", nargs="+", default=list(GRADS), choices=GRADS)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a key of configs/demo.yaml")
+    parser.add_argument("--at-init", type=int, metavar="SEEDS", default=0,
+                        help="only measure the maps' localization before training, over "
+                             "this many fresh nets (no training)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     cfg = load_config(DEMO_CONFIG, [f"data.root={workdir / 'data'}",
                                     f"data.feature_cache={workdir / 'features'}",
                                     *args.overrides])
     torch.set_num_threads(1)  # one worker's share of this machine, as in the demo
+    if args.at_init:
+        result = localization_at_init(cfg, args.at_init, clips=200)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
     runs = []
     for grad in args.grads:
         for lam in args.lambdas:
