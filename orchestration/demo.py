@@ -14,6 +14,7 @@ from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
 from data_shards.splits import class_names
 from data_shards.synth import synthesize_dataset
+from data_shards.targets import TARGETS_FILE
 from orchestration.cli import print_results
 from orchestration.config import load_config
 from orchestration.resources import feature_pool, live_nodes
@@ -37,7 +38,8 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
         ],
     )
     data_root = Path(cfg.data.root)
-    if not any(data_root.glob("UCF-101/*")):
+    # Written last by the generator: data from before it recorded the boxes is redone.
+    if not (data_root / TARGETS_FILE).is_file():
         print(f"[1/4] writing synthetic videos to {data_root}")
         synthesize_dataset(
             data_root, layout="ucf101", classes=DEMO_CLASSES,

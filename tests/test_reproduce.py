@@ -171,6 +171,7 @@ def test_run_config_fixes_split_cache_experiment_and_storage(tmp_path: Path) -> 
         (["--table", "3", "--variants", "early_fusion"], "no early_fusion row"),
         (["--table", "3", "--splits", "2,3"], "--splits 2,3"),
         (["--table", "1", "--set", "variant=vgg_lstm"], "reproduce sets variant"),
+        (["--table", "1", "--set", "data=x"], "not a whole section"),
         (["--table", "1", "--set", "model.fusion=sideways"], "model.fusion"),
     ],
 )

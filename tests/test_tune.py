@@ -171,6 +171,9 @@ def test_a_grid_runs_every_value_in_every_repetition(tmp_path: Path) -> None:
     bad = {**space, "model.attention_reg_grad": {"grid": ["conv", "attention_only"]}}
     with pytest.raises(ConfigError, match="attention_reg_grad"):
         load_sweep(_write_sweep(tmp_path / "b.yaml", base, space=bad, include_paper_point=False))
+    # The paper's point would pin lambda for one repetition and skip the rest of its grid.
+    with pytest.raises(ConfigError, match="include_paper_point = true with a grid"):
+        load_sweep(_write_sweep(tmp_path / "p.yaml", base, space=space))
     with pytest.raises(ConfigError, match="grid needs searcher: random"):
         load_sweep(_write_sweep(tmp_path / "o.yaml", base, space=space,
                                 include_paper_point=False, searcher="optuna"))

@@ -67,6 +67,7 @@ SYNTHETIC_CLASSES = 4
 SYNTHETIC_VIDEOS_PER_CLASS = 9
 SYNTHETIC_DONE_FILE = "target_boxes.parquet"  # synthesize_dataset writes it last
 TRIAL_CPUS = 0.01  # what each run's Tune driver function holds, as a sweep trial's
+SECTIONS = ("model", "data", "train", "cluster", "tracking")  # JlstmConfig's sections
 # Keys reproduce sets for every run: `--set` may not change them.
 RESERVED_KEYS = ("run_name", "variant", "data.split", "data.dataset", "data.manifest",
                  "tracking.experiment")
@@ -89,6 +90,11 @@ def check_overrides(overrides: list[str]) -> None:
     """Refuse a `--set` of a key reproduce sets itself (ConfigError naming it)."""
     for override in overrides:
         key, _ = parse_override(override)
+        if key in SECTIONS:
+            raise ConfigError(
+                f"--set {override!r}: set one key of a section (e.g. train.epochs=3), "
+                "not a whole section"
+            )
         if key in RESERVED_KEYS:
             raise ConfigError(
                 f"--set {override!r}: reproduce sets {key} for every run itself "
@@ -335,7 +341,10 @@ def _schedule(
             ),
         )
         grid = tuner.fit()
-    failed = sorted(r.config[RUN_KEY] for r in grid if r.error is not None)
+    # Read back from MLflow, not from the grid: a run Ctrl+C stopped has no error there.
+    client = MlflowClient()
+    failed = sorted(name for name, cfg in todo.items()
+                    if not _is_finished(client, cfg, experiment_id))
     for name in failed:
-        log.error("run %s failed: see %s", name, grid)
+        log.error("run %s did not finish: see %s (the next call resumes it)", name, grid)
     return failed, plan.concurrent_runs

@@ -216,8 +216,9 @@ def _epoch_curves(
         if not row.mlflow_run_id:
             continue
         values = trials.loc[row.Index, [f"config/{k}" for k in sweep.space]]
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(sweep.space, values,
+        swept = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(sweep.space, values,
                                                                        strict=True))
+        label = f"{row.trial_id}: {swept}"  # repetitions of one grid point stay apart
         curves[label] = {
             metric: [(m.step, m.value) for m in client.get_metric_history(row.mlflow_run_id,
                                                                           metric)]

@@ -165,7 +165,10 @@ class SweepConfig(_Strict):
     use_feature_cache: bool = Field(
         True, description="trials read cached VGG16 taps (sets data.use_feature_cache)"
     )
-    num_samples: int = Field(8, ge=1, description="trials in all, the paper's point included")
+    num_samples: int = Field(
+        8, ge=1, description="trials in all, the paper's point included; each repetition "
+        "runs every combination of the grids",
+    )
     metric: str = "val_video_top1_vote"
     mode: Literal["max", "min"] = "max"
     asha: AshaConfig | None = AshaConfig()
@@ -215,7 +218,7 @@ class SweepConfig(_Strict):
         return {
             key: self.space[key].encode(value)
             for key, value in PAPER_POINT.items()
-            if key in self.space
+            if key in self.space and self.space[key].kind != "grid"
         }
 
     def decode(self, sampled: dict[str, Any]) -> dict[str, Any]:
@@ -296,6 +299,13 @@ def _check_paper_point(sweep: SweepConfig, base_raw: dict[str, Any], source: str
     if not sweep.include_paper_point:
         return
     point = {k: v for k, v in PAPER_POINT.items() if k in sweep.space}
+    grids = [k for k in point if sweep.space[k].kind == "grid"]
+    if grids:
+        # Tune would pin those keys for one repetition and skip the rest of their grid.
+        raise ConfigError(
+            f"{source}: include_paper_point = true with a grid on {grids}: put the paper's "
+            "value in the grid and set include_paper_point: false"
+        )
     outside = [k for k, v in point.items() if not sweep.space[k].contains(v)]
     if outside:
         details = "; ".join(f"{k} = {PAPER_POINT[k]!r}" for k in outside)
