@@ -33,6 +33,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from data_shards.targets import TARGETS_FILE
 from model.config import VARIANTS
 from orchestration import tracking
 from orchestration.config import (
@@ -54,7 +55,7 @@ from tune_spaces.paper_report import (
     find_parent,
     log_report,
 )
-from tune_spaces.spaces import resolve_paths
+from tune_spaces.spaces import SweepConfig, resolve_paths
 
 log = logging.getLogger(__name__)
 PAPER_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "paper"
@@ -65,8 +66,9 @@ DEFAULT_WORKDIR = "runs/reproduce-synthetic"
 # Synthetic data: as many classes as the demo, a third of its videos (runs side by side).
 SYNTHETIC_CLASSES = 4
 SYNTHETIC_VIDEOS_PER_CLASS = 9
-SYNTHETIC_DONE_FILE = "target_boxes.parquet"  # synthesize_dataset writes it last
-TRIAL_CPUS = 0.01  # what each run's Tune driver function holds, as a sweep trial's
+SYNTHETIC_DONE_FILE = TARGETS_FILE  # synthesize_dataset writes it last
+# What each run's Tune driver function holds: a sweep trial's default.
+TRIAL_CPUS = SweepConfig.model_fields["trial_cpus"].default
 SECTIONS = ("model", "data", "train", "cluster", "tracking")  # JlstmConfig's sections
 # Keys reproduce sets for every run: `--set` may not change them.
 RESERVED_KEYS = ("run_name", "variant", "data.split", "data.dataset", "data.manifest",
