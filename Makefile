@@ -4,17 +4,29 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch/torchvision are pinned here (pyproject keeps a compatible range): these builds lie on local disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: venv test test-slow postgres lint demo bench clean
+.PHONY: venv lock test test-slow postgres lint demo bench clean
 
-$(BIN)/jlstm: pyproject.toml
+# Every package at the version of requirements.lock (Python 3.11, Linux x86_64, the `dev`
+# extra included), then this project itself without resolving anything again.
+$(BIN)/jlstm: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e '.[dev]' $(TORCH_PINS)
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(BIN)/jlstm
 
 venv: $(BIN)/jlstm
+
+# Re-resolve requirements.lock from pyproject.toml's ranges (and TORCH_PINS), as pip sees
+# the package indexes and find-links configured on this machine.
+lock: venv
+	$(BIN)/pip install --quiet $(PIP_TOOLS)
+	printf '%s\n' $(TORCH_PINS) > $(VENV)/torch-pins.txt
+	$(BIN)/pip-compile --quiet --strip-extras --extra dev --no-emit-index-url \
+		--no-emit-find-links --constraint $(VENV)/torch-pins.txt \
+		--output-file requirements.lock pyproject.toml
 
 lint: venv
 	$(BIN)/ruff check .

@@ -22,6 +22,7 @@ evaluation sorts the gathered predictions by video, so its metrics do not depend
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -64,9 +65,27 @@ def _shuffle_seed(data_cfg: DataConfig, epoch_seed: int | None) -> RandomSeedCon
 ClipReader = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
+# Test clips per worker: the test set is cut into at least this many blocks per evaluating
+# worker. `streaming_split(equal=False)` hands out whole blocks, so a test set in one block
+# (a clip table from one Arrow table, as cached taps are read) was scored by rank 0 alone.
+EVAL_BLOCKS_PER_WORKER = 4
+
+
+def eval_blocks(clips: pa.Table, rows_per_block: int, workers: int) -> list[pa.Table]:
+    """`clips` cut in order into blocks of at most `rows_per_block` rows, and into at least
+    `EVAL_BLOCKS_PER_WORKER` blocks per worker (as far as there are rows)."""
+    n = clips.num_rows
+    if n == 0:
+        return [clips]
+    count = max(workers * EVAL_BLOCKS_PER_WORKER, -(-n // rows_per_block))
+    edges = np.linspace(0, n, min(count, n) + 1).astype(int)
+    return [clips.slice(lo, hi - lo) for lo, hi in itertools.pairwise(edges)]
+
+
 def _decoded(data_cfg: DataConfig, model_cfg, clips: ray.data.Dataset) -> ray.data.Dataset:
-    """clip rows -> rows with decoded frames (module docstring)."""
-    return clips.repartition(target_num_rows_per_block=data_cfg.decode_batch_size).map_batches(
+    """clip rows in blocks of at most `decode_batch_size` rows -> rows with decoded frames
+    (module docstring)."""
+    return clips.map_batches(
         decode_batch,
         fn_kwargs={
             "clip_len": model_cfg.clip_len,
@@ -80,7 +99,7 @@ def _decoded(data_cfg: DataConfig, model_cfg, clips: ray.data.Dataset) -> ray.da
 
 
 def build_datasets(
-    data_cfg: DataConfig, model_cfg, *, epoch_seed: int | None = None
+    data_cfg: DataConfig, model_cfg, *, epoch_seed: int | None = None, eval_workers: int = 1
 ) -> dict[str, ray.data.Dataset]:
     """{"train", "val"} datasets of clip rows for `TorchTrainer(datasets=...)`.
 
@@ -88,8 +107,9 @@ def build_datasets(
     (bool), error (str) and frames (uint8 [T, S, S, 3]). With use_feature_cache the taps
     are read by the consumer: iterate with `iter_clip_batches(ds, n, clip_readers(...)[name])`
     to get taps_<name> per tap of `model_cfg.taps`, ok and error. Failed clips are rows with
-    ok=False, never exceptions. Raises BadDataError past max_bad_fraction, StaleCacheError
-    for a cache that does not match the configs.
+    ok=False, never exceptions. `val` comes in enough blocks for each of `eval_workers`
+    workers to score some (`eval_blocks`). Raises BadDataError past max_bad_fraction,
+    StaleCacheError for a cache that does not match the configs.
     """
     manifest = load_manifest(data_cfg)
     check_bad_fraction(data_cfg, manifest)
@@ -102,8 +122,9 @@ def build_datasets(
     train = ray.data.from_arrow(train_clips).random_shuffle(
         seed=_shuffle_seed(data_cfg, epoch_seed)
     )
-    val = ray.data.from_arrow(val_clips)
+    val = ray.data.from_arrow(eval_blocks(val_clips, data_cfg.decode_batch_size, eval_workers))
     if not data_cfg.use_feature_cache:
+        train = train.repartition(target_num_rows_per_block=data_cfg.decode_batch_size)
         train, val = _decoded(data_cfg, model_cfg, train), _decoded(data_cfg, model_cfg, val)
     for ds in (train, val):
         ds.context.execution_options.preserve_order = True

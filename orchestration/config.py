@@ -224,10 +224,39 @@ def read_config_raw(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JlstmConfig:
-    """Read a YAML config (with its `base_config` chain), apply `--set` overrides,
-    validate; raise ConfigError naming the key."""
-    raw = read_config_raw(path)
-    return validate_config(apply_overrides(raw, overrides or []), source=str(path))
+    """Read a YAML config (with its `base_config` chain), apply `--set` overrides, make
+    its paths absolute (`resolve_paths`), validate; raise ConfigError naming the key."""
+    raw = apply_overrides(read_config_raw(path), overrides or [])
+    resolve_paths(raw)
+    return validate_config(raw, source=str(path))
+
+
+# Every filesystem path a run config holds, as (section, key). Each is made absolute when
+# the config is loaded, against the caller's working directory: Ray Train runs each worker
+# in a folder of its own, and Tune each trial, so a relative path would point elsewhere
+# there (the demo's relative cache once failed every clip that way).
+PATH_KEYS: tuple[tuple[str, str], ...] = (
+    ("data", "root"), ("data", "splits_dir"), ("data", "manifest"), ("data", "feature_cache"),
+    ("model", "backbone_weights"), ("cluster", "storage_path"),
+)
+
+
+def is_uri(path: str) -> bool:
+    """Whether `path` names remote storage (s3://, gs://, ...) rather than a local path."""
+    return "://" in path
+
+
+def absolute_path(path: str) -> str:
+    """A URI as is; a local path made absolute against the current working directory."""
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def resolve_paths(raw: dict[str, Any]) -> None:
+    """Make every local path of run config mapping `raw` (`PATH_KEYS`) absolute, in place."""
+    for section, key in PATH_KEYS:
+        value = (raw.get(section) or {}).get(key)
+        if isinstance(value, str) and value:
+            raw[section][key] = absolute_path(value)
 
 
 def config_to_yaml(cfg: JlstmConfig) -> str:

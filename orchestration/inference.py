@@ -25,8 +25,8 @@ from orchestration.config import JlstmConfig
 from orchestration.mlflow_model import PREDICT_BATCH, predict_proba
 from orchestration.plots import plot_attention_overlay
 from orchestration.session import plan_run, run_storage
-from orchestration.train_loop import EVAL_DIR, eval_loop_per_worker
-from orchestration.trainer import SplitEvalDataConfig
+from orchestration.train_loop import BAD_CLIPS_FILE, EVAL_DIR, eval_loop_per_worker
+from orchestration.trainer import SplitEvalDataConfig, check_test_clips_scored
 
 
 def evaluate_model(model_uri: str, cfg: JlstmConfig, out_dir: str | Path) -> dict[str, float]:
@@ -60,7 +60,7 @@ def evaluate_distributed(
     files land in `out_dir`.
     """
     plan = plan_run(cfg)
-    val = build_datasets(cfg.data, model_cfg)["val"]
+    val = build_datasets(cfg.data, model_cfg, eval_workers=cfg.cluster.num_workers)["val"]
     test_videos = subset_videos(load_manifest(cfg.data), "test")
     trainer = TorchTrainer(
         eval_loop_per_worker,
@@ -87,6 +87,10 @@ def evaluate_distributed(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"evaluation of {cfg.data.dataset} finished without a report")
+    check_test_clips_scored(
+        result, f"evaluation of {cfg.data.dataset} split {cfg.data.split}",
+        f"{BAD_CLIPS_FILE} in {result.checkpoint.path}",
+    )
     with result.checkpoint.as_directory() as ckpt_dir:
         shutil.copytree(Path(ckpt_dir) / EVAL_DIR, Path(out_dir), dirs_exist_ok=True)
     return {

@@ -11,11 +11,10 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import ray
 
-from orchestration.config import JlstmConfig
+from orchestration.config import JlstmConfig, absolute_path
 from orchestration.resources import ResourcePlan, cluster_may_grow, plan_live, plan_resources
 
 
@@ -34,20 +33,9 @@ def plan_run(cfg: JlstmConfig, *, max_runs: int = 1, trial_cpus: float = 0.0) ->
     )
 
 
-def is_uri(path: str) -> bool:
-    """Whether `path` names remote storage (s3://, gs://, ...) rather than a local path."""
-    return "://" in path
-
-
-def storage_uri(path: str) -> str:
-    """A URI as is, a local path made absolute (Tune trials and Train workers run in other
-    working directories)."""
-    return path if is_uri(path) else str(Path(path).resolve())
-
-
 def run_storage(cfg: JlstmConfig) -> str:
-    """`cluster.storage_path` as Ray Train takes it."""
-    return storage_uri(cfg.cluster.storage_path)
+    """`cluster.storage_path` as Ray Train takes it (made absolute when the config loaded)."""
+    return absolute_path(cfg.cluster.storage_path)
 
 
 class RunInUse(RuntimeError):

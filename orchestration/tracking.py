@@ -42,7 +42,13 @@ import model as model_package
 from data_shards.manifest import dataset_digest, load_manifest, quarantine_table
 from model import ModelConfig
 from orchestration import mlflow_model
-from orchestration.config import ConfigError, JlstmConfig, config_to_yaml
+from orchestration.config import (
+    PATH_KEYS,
+    ConfigError,
+    JlstmConfig,
+    absolute_path,
+    config_to_yaml,
+)
 from orchestration.mlflow_model import LoadedModel, load_from_files
 from orchestration.train_loop import BAD_CLIPS_FILE
 
@@ -401,6 +407,11 @@ def config_differences(cfg: JlstmConfig, run_id: str) -> str:
     """The keys (what the run learns, not where it runs) on which `cfg` differs from the
     config run `run_id` logged, as `key: run has X, config has Y; ...`; empty when none."""
     logged = MlflowClient().get_run(run_id).data.params
+    # A run logged before paths were made absolute at load time holds them relative to
+    # where it was started: they are compared resolved, as the config's own are.
+    for key in (f"{section}.{name}" for section, name in PATH_KEYS):
+        if logged.get(key) not in (None, "None", ""):
+            logged = {**logged, key: absolute_path(logged[key])}
     wanted = flatten_params(cfg.model_dump(mode="json"))
     differ = sorted(
         key for key, value in wanted.items()

@@ -18,7 +18,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,18 +89,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]}
         rng_states = _gather_all(_rng_state())
         train_failures = _gather_to_rank0(train_failures)
-        # Every worker scores its own shard of the test clips; rank 0 gets them all.
-        evaluated = evaluate_shard(
-            core, device, per_worker_batch, readers["val"], class_names,
-            loop_config["test_videos"], loop_config.get("targets"),
-        )
+        # The fraction is all-reduced, so every worker takes the same decision: past
+        # max_bad_fraction the epoch is checkpointed with its failed clips and the run stops
+        # before evaluation (metrics of a model trained on too few clips would mislead).
+        stop = metrics[TRAIN_BAD_FRACTION] > cfg.data.max_bad_fraction
+        evaluated = None
+        if not stop:
+            # Every worker scores its own shard of the test clips; rank 0 gets them all.
+            evaluated = evaluate_shard(
+                core, device, per_worker_batch, readers["val"], class_names,
+                loop_config["test_videos"], loop_config.get("targets"),
+            )
+            stop = evaluated.clips_scored == 0  # the driver names the first error
         with tempfile.TemporaryDirectory() as tmp:
             report_checkpoint = None
-            if evaluated is not None:
-                val_metrics, report, test_failures = evaluated
-                metrics |= val_metrics
-                best = max(best, metrics["val_video_top1_vote"])
-                metrics["best_val_video_top1_vote"] = best
+            if rank == 0:
+                test_failures: list[BadClip] = []
+                if evaluated is not None:
+                    metrics |= evaluated.metrics
+                    test_failures = evaluated.failures
+                if "val_video_top1_vote" in metrics:
+                    best = max(best, metrics["val_video_top1_vote"])
+                    metrics["best_val_video_top1_vote"] = best
                 history = [*history, metrics]
                 TrainState(
                     model=core.state_dict(),
@@ -113,12 +123,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     model_config=model_cfg.model_dump(mode="json"),
                     class_names=class_names,
                 ).save(Path(tmp))
-                report.write(Path(tmp) / EVAL_DIR)
+                if evaluated is not None and evaluated.report is not None:
+                    evaluated.report.write(Path(tmp) / EVAL_DIR)
                 write_bad_clips(Path(tmp), {"train": train_failures, "test": test_failures})
                 report_checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=report_checkpoint)
-        # The fraction is all-reduced, so every worker takes the same decision.
-        if metrics[TRAIN_BAD_FRACTION] > cfg.data.max_bad_fraction:
+        if stop:
             break
     if monitor is not None:
         monitor.finish()
@@ -166,6 +176,18 @@ def train_epoch(
     return metrics, failures
 
 
+@dataclass
+class ShardEvaluation:
+    """What `evaluate_shard` gives each worker: the number of test clips scored by all of
+    them (on every rank, so all take the same decision), and on rank 0 the metrics, the
+    report (None when no clip could be scored) and every worker's failed clips."""
+
+    clips_scored: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    report: EvalReport | None = None
+    failures: list[BadClip] = field(default_factory=list)
+
+
 def evaluate_shard(
     core: JointAttentionNet,
     device: torch.device,
@@ -174,41 +196,46 @@ def evaluate_shard(
     class_names: list[str],
     test_videos: int,
     targets: TargetCells | None = None,
-) -> tuple[dict[str, float], EvalReport, list[BadClip]] | None:
-    """Score this worker's shard of `val`; rank 0 returns the metrics of all the shards,
-    the report and every worker's failed clips.
+) -> ShardEvaluation:
+    """Score this worker's shard of `val`; rank 0 gets the metrics of all the shards.
 
     Each test clip is in exactly one shard (`SplitEvalDataConfig`), so it is scored once
-    whatever the number of workers. A test video none of whose clips could be scored is
-    counted in `val_videos_unscored` (the metrics cover `val_videos_scored` videos).
+    whatever the number of workers; `val_worker_clips_min` is the fewest test clips one
+    worker scored (0: a worker idled). A test video none of whose clips could be scored is
+    counted in `val_videos_unscored` (the metrics cover `val_videos_scored` videos). When
+    no clip at all could be scored there are no accuracies, only those counts.
     With `targets` (synthetic data), `val_attention_on_target[_<tap>]` says how strongly
     the attention looks at the moving shape (`evaluate.attention_on_target`).
     """
     started = time.perf_counter()
     batches = iter_clip_batches(ray.train.get_dataset_shard("val"), batch_size, read)
-    preds, failures, on_target = predict_clips(core, batches, device, targets)
-    preds = _gather_to_rank0([preds])
-    failures = _gather_to_rank0(failures)
-    on_target = _gather_to_rank0(on_target)
+    local, local_failures, local_on_target = predict_clips(core, batches, device, targets)
+    scored = int(_all_reduce({"clips": len(local.video_id)}, device, mean=False)["clips"])
+    preds = _gather_to_rank0([local])
+    failures = _gather_to_rank0(local_failures)
+    on_target = _gather_to_rank0(local_on_target)
     if preds is None or failures is None or on_target is None:
-        return None
+        return ShardEvaluation(scored)
+    counts = {
+        "val_bad_clips": float(len(failures)),
+        "val_worker_clips_min": float(min(len(p.video_id) for p in preds)),
+    }
+    if scored == 0:
+        unscored = {"val_videos_scored": 0.0, "val_videos_unscored": float(test_videos)}
+        return ShardEvaluation(0, counts | unscored, None, failures)
     merged = ClipPredictions.concat(preds).sorted()
     report = evaluate(merged, class_names)
-    out = {f"val_{k}": float(v) for k, v in report.metrics.items()}
+    out = {f"val_{k}": float(v) for k, v in report.metrics.items()} | counts
     if on_target:  # [clips, branches]: the mean over test clips (and steps) per branch
         per_branch = np.concatenate(on_target).mean(axis=0)
         out |= {f"val_attention_on_target_{tap}": float(v)
                 for tap, v in zip(core.cfg.taps, per_branch, strict=True)}
         out["val_attention_on_target"] = float(per_branch.mean())
-    scored = len(np.unique(merged.video_id))
-    out |= {
-        "val_bad_clips": float(len(failures)),
-        "val_videos_scored": float(scored),
-        "val_videos_unscored": float(test_videos - scored),
-    }
+    videos = len(np.unique(merged.video_id))
+    out |= {"val_videos_scored": float(videos), "val_videos_unscored": float(test_videos - videos)}
     # Until the slowest worker's shard is scored and gathered: the evaluation's wall time.
     out[VAL_SECONDS] = time.perf_counter() - started
-    return out, report, failures
+    return ShardEvaluation(scored, out, report, failures)
 
 
 @torch.no_grad()
@@ -274,13 +301,13 @@ def eval_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loop_config["class_names"], loop_config["test_videos"],
     )
     with tempfile.TemporaryDirectory() as tmp:
-        if evaluated is None:
+        if ray.train.get_context().get_world_rank() != 0:
             ray.train.report({}, checkpoint=None)
             return
-        metrics, report, failures = evaluated
-        report.write(Path(tmp) / EVAL_DIR)
-        write_bad_clips(Path(tmp), {"test": failures})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if evaluated.report is not None:
+            evaluated.report.write(Path(tmp) / EVAL_DIR)
+        write_bad_clips(Path(tmp), {"test": evaluated.failures})
+        ray.train.report(evaluated.metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _rng_state() -> dict[str, Any]:

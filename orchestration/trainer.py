@@ -82,7 +82,7 @@ def prepare_data(cfg: JlstmConfig) -> PreparedData:
     manifest = ensure_index(cfg.data)
     names = class_names(manifest)
     model_cfg = cfg.resolve_model(num_classes=len(names))
-    datasets = build_datasets(cfg.data, model_cfg)
+    datasets = build_datasets(cfg.data, model_cfg, eval_workers=cfg.cluster.num_workers)
     table = load_manifest(cfg.data)
     targets = target_reader(  # evaluation measures the test videos only
         cfg.data.root, table.filter(pc.equal(table["subset"], "test")), model_cfg.map_size,
@@ -233,23 +233,54 @@ def preflight(cfg: JlstmConfig) -> None:
 
 
 def check_bad_clips(cfg: JlstmConfig, run_id: str, result: ray.train.Result) -> None:
-    """A run the workers stopped because too many training clips failed: mark its MLflow
-    run FAILED and raise BadDataError naming the count, the first error and the artifact."""
+    """A run the workers stopped because too many training clips failed, or whose
+    evaluation could score no test clip: raise BadDataError naming the count, the first
+    error and the artifact (the caller marks the MLflow run FAILED)."""
     fraction = result.metrics.get(TRAIN_BAD_FRACTION, 0.0)
-    if fraction <= cfg.data.max_bad_fraction:
-        return
     epoch = int(result.metrics["epoch"])
-    with result.checkpoint.as_directory() as ckpt_dir:
-        failures = pacsv.read_csv(Path(ckpt_dir) / BAD_CLIPS_FILE).to_pylist()
-    first = next(f for f in failures if f["subset"] == "train")
+    artifact = f"MLflow run {run_id}, artifact bad_clips/epoch_{epoch:03d}.csv"
+    if fraction > cfg.data.max_bad_fraction:
+        first = first_bad_clip(result.checkpoint, "train")
+        raise BadDataError(
+            f"epoch {epoch}: {int(result.metrics['train_bad_clips'])} training clips "
+            f"({fraction:.1%}) failed, more than data.max_bad_fraction = "
+            f"{cfg.data.max_bad_fraction}; first: {_describe(first)}. Every failure: "
+            f"{artifact}. Fix or remove those videos, re-index (jlstm data index) and re-run"
+        )
+    check_test_clips_scored(result, f"epoch {epoch}", artifact)
+
+
+def check_test_clips_scored(result: ray.train.Result, what: str, artifact: str) -> None:
+    """BadDataError when the evaluation in `result` could score no test clip at all."""
+    if result.metrics.get("val_videos_scored", 1) > 0:
+        return
+    first = first_bad_clip(result.checkpoint, "test")
+    if first is None:
+        raise BadDataError(
+            f"{what}: the test set has no clips: check the split files and the manifest "
+            "(jlstm data index)"
+        )
     raise BadDataError(
-        f"epoch {epoch}: {int(result.metrics['train_bad_clips'])} training clips "
-        f"({fraction:.1%}) failed, more than data.max_bad_fraction = "
-        f"{cfg.data.max_bad_fraction}; first: video {first['video_id']} at frame "
-        f"{first['clip_start']}: {first['error']}. Every failure: MLflow run {run_id}, "
-        f"artifact bad_clips/epoch_{epoch:03d}.csv. Fix or remove those videos, re-index "
-        "(jlstm data index) and re-run"
+        f"{what}: none of the test clips could be scored ({int(result.metrics['val_bad_clips'])}"
+        f" failed); first: {_describe(first)}. Every failure: {artifact}. Fix or remove those"
+        " videos (or rebuild the feature cache: jlstm data features) and re-run"
     )
+
+
+def first_bad_clip(checkpoint: ray.train.Checkpoint | None, subset: str) -> dict | None:
+    """The first failed clip of `subset` ("train", "test") listed beside a checkpoint."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as ckpt_dir:
+        path = Path(ckpt_dir) / BAD_CLIPS_FILE
+        failures = pacsv.read_csv(path).to_pylist() if path.is_file() else []
+    return next((f for f in failures if f["subset"] == subset), None)
+
+
+def _describe(clip: dict | None) -> str:
+    if clip is None:
+        return "(not listed)"
+    return f"video {clip['video_id']} at frame {clip['clip_start']}: {clip['error']}"
 
 
 def finish_run(

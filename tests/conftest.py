@@ -7,6 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
+# Never join a cluster the suite did not start: `ray.init()` (and a `jlstm` subprocess a
+# test starts without its own RAY_ADDRESS) would join a developer's running `ray start`
+# cluster. "local" makes both start their own; a test that wants its cluster says so.
+os.environ["RAY_ADDRESS"] = "local"
+
 # What each simulated worker node offers: 3 logical CPUs, so one 2-CPU training worker
 # fits per node with 1 CPU left beside it for Ray Data; a small object store each.
 WORKER_NODE_CPUS = 3
@@ -23,7 +28,7 @@ def _start_local_ray() -> None:
     # raylets of the multi-node cluster.
     for key, value in RAY_NODE_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 @pytest.fixture(scope="session")

@@ -103,3 +103,30 @@ def test_a_run_whose_clips_mostly_fail_stops_with_one_line(
     )
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.metrics["train_bad_clip_fraction"] == 1.0
+
+
+def test_a_run_that_can_score_no_test_clip_stops_with_one_line(
+    ray_cluster: None, sqlite_tracking: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Every test video broken after indexing: evaluation scores nothing, and the user gets
+    the one line and exit 4 naming the first failed clip (once a traceback from inside
+    the evaluation), with the MLflow run FAILED."""
+    raw, videos = _indexed(tmp_path / "videos", tmp_path / "ray", "no-test-clip")
+    for video in videos:
+        if video["subset"] == "test":
+            _break(video)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    assert cli.main(["train", "--config", str(config)]) == 4
+
+    err = capsys.readouterr().err
+    message = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and message.startswith("jlstm: data error: epoch 1:")
+    assert "none of the test clips could be scored" in message
+    assert "bad_clips/epoch_001.csv" in message
+    runs = MlflowClient().search_runs(
+        [tracking.get_or_create_experiment(raw["tracking"]["experiment"])]
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.metrics["val_videos_scored"] == 0

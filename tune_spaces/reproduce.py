@@ -39,13 +39,14 @@ from orchestration import tracking
 from orchestration.config import (
     ConfigError,
     JlstmConfig,
+    absolute_path,
     apply_overrides,
     parse_override,
     read_config_raw,
+    resolve_paths,
     set_dotted,
     validate_config,
 )
-from orchestration.session import storage_uri
 from tune_spaces.paper import DATASETS, TABLES, RunKey, table_runs
 from tune_spaces.paper_report import (
     KIND_TAG,
@@ -55,7 +56,7 @@ from tune_spaces.paper_report import (
     find_parent,
     log_report,
 )
-from tune_spaces.spaces import SweepConfig, resolve_paths
+from tune_spaces.spaces import SweepConfig
 
 log = logging.getLogger(__name__)
 PAPER_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "paper"
@@ -142,7 +143,7 @@ def run_config(
         data["feature_cache"] = f"{data['feature_cache']}/split{key.split}"
     raw.setdefault("tracking", {})["experiment"] = experiment
     cluster = raw.setdefault("cluster", {})
-    storage = storage_uri(cluster.get("storage_path", "runs/ray"))
+    storage = absolute_path(cluster.get("storage_path", "runs/ray"))
     cluster["storage_path"] = f"{storage.rstrip('/')}/reproduce/{safe_name(experiment)}"
     resolve_paths(raw)
     return validate_config(raw, source=f"{source} for {key.name}")

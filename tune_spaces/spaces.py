@@ -38,10 +38,10 @@ from orchestration.config import (
     parse_override,
     read_config_raw,
     read_yaml_mapping,
+    resolve_paths,
     set_dotted,
     validate_config,
 )
-from orchestration.session import storage_uri
 
 # The paper's setting (Wu et al. 2016): lambda = 1000, zeta = 1e-5, late fusion, 2 branches.
 PAPER_POINT: dict[str, Any] = {
@@ -232,21 +232,6 @@ def trial_raw(base_raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any
     for key, value in values.items():
         set_dotted(raw, key, value)
     return raw
-
-
-def resolve_paths(raw: dict[str, Any]) -> None:
-    """Make the run config's local paths absolute, in place.
-
-    Tune runs each trial in its own working directory, so a relative data root or cache
-    would point elsewhere there.
-    """
-    for section, key in (
-        ("data", "root"), ("data", "splits_dir"), ("data", "manifest"),
-        ("data", "feature_cache"), ("model", "backbone_weights"), ("cluster", "storage_path"),
-    ):
-        value = (raw.get(section) or {}).get(key)
-        if isinstance(value, str):
-            raw[section][key] = storage_uri(value)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -22,9 +22,9 @@ from data_shards.index import ensure_index
 from data_shards.splits import class_names
 from model.backbone import TAP_LAST_INDEX
 from orchestration import tracking
-from orchestration.config import ConfigError, JlstmConfig, validate_config
+from orchestration.config import ConfigError, JlstmConfig, absolute_path, validate_config
 from orchestration.resources import ResourcePlan, feature_pool, live_nodes
-from orchestration.session import plan_run, storage_uri
+from orchestration.session import plan_run
 from tune_spaces.release import ReleaseEndedTrainRuns, registry
 from tune_spaces.report import TAPS_KEY
 from tune_spaces.results import SweepResult, finish_sweep
@@ -85,7 +85,7 @@ def ensure_index_and_cache(base: JlstmConfig, taps: list[str]) -> None:
 
 def _experiment_path(sweep: SweepConfig, base: JlstmConfig) -> tuple[str, str]:
     """(Tune storage path, Tune experiment path); local paths made absolute."""
-    storage = storage_uri(sweep.storage_path or base.cluster.storage_path)
+    storage = absolute_path(sweep.storage_path or base.cluster.storage_path)
     return storage, f"{storage.rstrip('/')}/{sweep.name}"
 
 

@@ -18,8 +18,8 @@ from ray import tune
 
 from orchestration import tracking
 from orchestration.checkpoint import CHECKPOINT_FILE, TrainState
-from orchestration.config import JlstmConfig, validate_config
-from orchestration.session import is_uri, plan_run, run_storage
+from orchestration.config import JlstmConfig, is_uri, validate_config
+from orchestration.session import plan_run, run_storage
 from orchestration.trainer import PreparedData, build_trainer, prepare_data
 from tune_spaces.release import RegisterTrainRun
 from tune_spaces.spaces import SweepConfig, trial_raw
