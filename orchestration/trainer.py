@@ -329,9 +329,31 @@ def finish_run(
                 test_videos=int(final["val_videos_scored"]),
                 dataset_digest=dataset_digest,
             )
+            describe_version(client, registered, version, cfg, final, dataset_digest)
             mlflow.set_tag(tracking.VERSION_TAG, version)
         mlflow.set_tag(tracking.FINISHED_TAG, str(state.epoch))
     return SplitResult(run_id, final, checkpoint.path, version, promoted)
+
+
+def describe_version(
+    client: MlflowClient, name: str, version: str, cfg: JlstmConfig, final: dict[str, float],
+    digest: str,
+) -> None:
+    """What a user browsing the registry reads: the model's and the version's description
+    (variant, dataset, split, digest, test figures, the predict line)."""
+    predict = f"jlstm predict VIDEO --model models:/{name}@{tracking.CHAMPION_ALIAS}"
+    client.update_registered_model(name, description=(
+        f"jlstm: {cfg.data.dataset} action recognition (Wu et al. 2016, joint attention on "
+        f"multi-level deep features); the alias @{tracking.CHAMPION_ALIAS} holds the best "
+        f"version on the same split and dataset digest. Predict: `{predict}`"
+    ))
+    client.update_model_version(name, version, description=(
+        f"variant {cfg.variant}, dataset {cfg.data.dataset} split {cfg.data.split} "
+        f"(dataset digest {digest}); test video top-1 {final['val_video_top1_vote']:.1%} by "
+        f"vote, {final.get('val_video_top1_prob', float('nan')):.1%} by prob, over "
+        f"{int(final['val_videos_scored'])} test videos; run {cfg.resolved_run_name()}. "
+        f"Predict: `{predict}`"
+    ))
 
 
 def train_splits(cfg: JlstmConfig, splits: list[int]) -> list[SplitResult]:

@@ -73,7 +73,7 @@ def trained(
 
 
 def test_training_run_is_tracked(trained: tuple[JlstmConfig, SplitResult]) -> None:
-    _, result = trained
+    cfg, result = trained
     client = MlflowClient()
     run = client.get_run(result.run_id)
     assert run.data.params["train.epochs"] == str(EPOCHS)
@@ -103,6 +103,12 @@ def test_training_run_is_tracked(trained: tuple[JlstmConfig, SplitResult]) -> No
     version = client.get_model_version(name, result.model_version)
     assert version.run_id == result.run_id
     assert str(client.get_model_version_by_alias(name, "champion").version) == result.model_version
+    # What a user browsing the registry reads: what the version is, its figures, how to use it.
+    predict = f"jlstm predict VIDEO --model models:/{name}@champion"
+    top1 = f"test video top-1 {result.metrics['val_video_top1_vote']:.1%}"
+    assert cfg.variant in version.description and top1 in version.description
+    assert predict in version.description
+    assert predict in client.get_registered_model(name).description
 
 
 def test_rerunning_a_finished_run_resumes(trained: tuple[JlstmConfig, SplitResult]) -> None:
@@ -440,3 +446,4 @@ def test_ray_job_submit_runs_training(dataset: Path, tmp_path: Path) -> None:
     finally:
         _stop_head(head, home)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
