@@ -7,8 +7,9 @@ rank 0 gathers them) scores the same model on 1 and on 2 workers, in interleaved
 Evaluation cost does not depend on the weights, so the model is freshly initialized.
 Figures per worker count: median wall seconds of a whole evaluation (TorchTrainer start
 included), median seconds of the scoring itself (rank 0's `val_seconds`: every shard
-scored and gathered), test clips/s of each, and whether the metrics agree across worker
-counts.
+scored and gathered), test clips/s of each, the fewest test clips one worker scored
+(`worker_clips_min`: each worker's share), and whether the metrics agree across worker
+counts (all but that share).
 
     python benchmarks/eval_workers.py --out benchmarks/results/eval_workers.json
 """
@@ -65,6 +66,7 @@ def evaluate_once(cfg: JlstmConfig, workers: int, net: JointAttentionNet, out: P
     return {
         "wall_s": time.perf_counter() - started,
         "scoring_s": metrics.pop("seconds"),
+        "worker_clips_min": metrics.pop("worker_clips_min"),
         "metrics": metrics,
     }
 
@@ -76,6 +78,7 @@ def summarize(runs: list[dict[str, Any]], test_clips: int) -> dict[str, Any]:
         out[f"{key}_median"] = round(median, 2)
         out[key] = [round(r[key], 2) for r in runs]
         out[f"test_clips_per_s_{key.removesuffix('_s')}"] = round(test_clips / median, 1)
+    out["worker_clips_min"] = [int(r["worker_clips_min"]) for r in runs]
     return out
 
 

@@ -82,9 +82,12 @@ def eval_blocks(clips: pa.Table, rows_per_block: int, workers: int) -> list[pa.T
     return [clips.slice(lo, hi - lo) for lo, hi in itertools.pairwise(edges)]
 
 
-def _decoded(data_cfg: DataConfig, model_cfg, clips: ray.data.Dataset) -> ray.data.Dataset:
+def _decoded(
+    data_cfg: DataConfig, model_cfg, clips: ray.data.Dataset, batch_size: int | None
+) -> ray.data.Dataset:
     """clip rows in blocks of at most `decode_batch_size` rows -> rows with decoded frames
-    (module docstring)."""
+    (module docstring). `batch_size=None`: one decode task per block, never two blocks
+    in one task (the blocks of `eval_blocks` stay blocks)."""
     return clips.map_batches(
         decode_batch,
         fn_kwargs={
@@ -92,7 +95,7 @@ def _decoded(data_cfg: DataConfig, model_cfg, clips: ray.data.Dataset) -> ray.da
             "frame_interval": data_cfg.frame_interval,
             "frame_size": model_cfg.frame_size,
         },
-        batch_size=data_cfg.decode_batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         num_cpus=data_cfg.decode_cpus,
     )
@@ -125,7 +128,10 @@ def build_datasets(
     val = ray.data.from_arrow(eval_blocks(val_clips, data_cfg.decode_batch_size, eval_workers))
     if not data_cfg.use_feature_cache:
         train = train.repartition(target_num_rows_per_block=data_cfg.decode_batch_size)
-        train, val = _decoded(data_cfg, model_cfg, train), _decoded(data_cfg, model_cfg, val)
+        train = _decoded(data_cfg, model_cfg, train, data_cfg.decode_batch_size)
+        # A batch size would bundle blocks up to that many rows into one task, and so into
+        # one output block: 8 one-clip test blocks became one, which one worker scored.
+        val = _decoded(data_cfg, model_cfg, val, None)
     for ds in (train, val):
         ds.context.execution_options.preserve_order = True
     return {"train": train, "val": val}

@@ -9,13 +9,23 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestration.config import JlstmConfig, absolute_path
-from orchestration.resources import ResourcePlan, cluster_may_grow, plan_live, plan_resources
+from data_shards.manifest import BadDataError
+from orchestration.config import ConfigError, JlstmConfig, absolute_path, is_uri
+from orchestration.resources import (
+    NodeShape,
+    ResourcePlan,
+    cluster_may_grow,
+    plan_live,
+    plan_resources,
+)
 
 
 def plan_run(cfg: JlstmConfig, *, max_runs: int = 1, trial_cpus: float = 0.0) -> ResourcePlan:
@@ -23,14 +33,90 @@ def plan_run(cfg: JlstmConfig, *, max_runs: int = 1, trial_cpus: float = 0.0) ->
 
     On a cluster jlstm joined it waits up to `cluster.wait_for_resources_s` for the cluster
     to grow; a plan that does not fit is refused with a ConfigError naming the numbers.
+    The nodes the plan puts workers on must see the run's data and share its checkpoint
+    storage (`check_nodes_see_run`).
     """
     wait = cfg.cluster.wait_for_resources_s if cluster_may_grow() else 0.0
-    return plan_live(
+    plan = plan_live(
         lambda nodes: plan_resources(
             cfg.cluster, cfg.data.decode_cpus, nodes, max_runs=max_runs, trial_cpus=trial_cpus
         ),
         wait,
     )
+    check_nodes_see_run(cfg, [plan.nodes[w.node] for w in plan.workers])
+    return plan
+
+
+def run_paths(cfg: JlstmConfig) -> dict[str, str]:
+    """The data paths a training node reads, by config key: the feature cache (its workers
+    read the taps), else the videos (decode tasks run there too), and the manifest."""
+    paths = {"data.manifest": str(cfg.data.manifest_path())}
+    if cfg.data.use_feature_cache:
+        paths["data.feature_cache"] = str(cfg.data.feature_cache)
+    else:
+        paths["data.root"] = cfg.data.root
+    return paths
+
+
+@ray.remote(num_cpus=0)
+def _node_view(paths: dict[str, str], probe: str | None, token: str) -> tuple[list[str], bool]:
+    """On one node: the keys of `paths` missing there, and whether the driver's `probe`
+    file reads `token` there (True when there is no probe)."""
+    missing = [key for key, path in paths.items() if not os.path.exists(path)]
+    if probe is None:
+        return missing, True
+    try:
+        return missing, Path(probe).read_text() == token
+    except OSError:
+        return missing, False
+
+
+def check_nodes_see_run(cfg: JlstmConfig, nodes: list[NodeShape]) -> None:
+    """Refuse, before anything trains, a run whose training `nodes` (live ones) do not see
+    what the driver sees.
+
+    Checked by a task pinned to each node: every path of `run_paths` that exists here must
+    exist there (BadDataError naming the key, path and node), and a local
+    `cluster.storage_path` must be the same folder there (ConfigError): the driver writes
+    a token file into it and each node reads it back. Ray Train restores a run from that
+    folder on whatever node a worker lands, so a per-node disk would lose checkpoints on a
+    multi-node cluster. Sharing is probed, never inferred from the node count: a loopback
+    cluster shares one disk and passes.
+    """
+    ids = {n.node_id: n for n in nodes if n.node_id}
+    if not ids:
+        return
+    paths = {key: path for key, path in run_paths(cfg).items() if os.path.exists(path)}
+    storage = absolute_path(cfg.cluster.storage_path)
+    probe, token = None, uuid.uuid4().hex
+    if not is_uri(storage):
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        probe = str(Path(storage) / f".jlstm-shared-probe-{token}")
+        Path(probe).write_text(token)
+    try:
+        views = ray.get([
+            _node_view.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+            ).remote(paths, probe, token)
+            for node_id in ids
+        ])
+    finally:
+        if probe is not None:
+            Path(probe).unlink(missing_ok=True)
+    for node, (missing, shared) in zip(ids.values(), views, strict=True):
+        if missing:
+            key = missing[0]
+            raise BadDataError(
+                f"{key} = {paths[key]} is not there on training node {node.name}: every "
+                "training node reads it; put it on a mount all nodes share, at the same path"
+            )
+        if not shared:
+            raise ConfigError(
+                f"cluster.storage_path = {storage} is not shared with training node "
+                f"{node.name} (a file written there here is not seen there): checkpoints "
+                "would not restore the run on another node; set it to a mount every node "
+                "shares, at the same path, or to a URI (s3://..., gs://...)"
+            )
 
 
 def run_storage(cfg: JlstmConfig) -> str:

@@ -2,7 +2,10 @@
 
 Videos are broken after indexing (their bytes overwritten), so the index has them and the
 decode path meets the failure in the middle of a run: a few failures are reported as an
-MLflow artifact and the run finishes; most clips failing stops the run with one line.
+MLflow artifact and the run finishes; most clips failing stops the run with one line. The
+cached-taps path the same way (its files cut after the cache's key was checked), and once
+right: a run from a working directory with relative paths reads every cached clip (Ray
+Train runs its workers in folders of their own; relative paths once failed every clip).
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from tiny_run import tiny_config
 
+from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
 from jlstm import cli
 from orchestration import tracking
-from orchestration.config import validate_config
+from orchestration.config import load_config, validate_config
 from orchestration.trainer import train_split
 
 pytestmark = pytest.mark.slow  # each test trains a tiny model on local Ray (1-2 min)
@@ -130,3 +134,63 @@ def test_a_run_that_can_score_no_test_clip_stops_with_one_line(
     )
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.metrics["val_videos_scored"] == 0
+
+
+def _cached_run(folder: Path, run_name: str, cache: str) -> Path:
+    """In `folder`: a tiny synthetic dataset, indexed, its taps cached, and a config that
+    names everything relative to `folder` (`videos`, `<cache>`, `ray`); its path."""
+    synthesize_dataset(
+        folder / "videos", layout="ucf101", classes=2, videos_per_class=6, seed=5,
+        frame_size=64, num_frames=16,
+    )
+    raw = tiny_config(
+        Path("videos"), Path("ray"), run_name, train={"epochs": 1},
+        data={"feature_cache": cache, "use_feature_cache": True},
+    )
+    config = folder / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config)
+    ensure_index(cfg.data)
+    build_feature_cache(cfg.data, cfg.resolve_model(2))
+    return config
+
+
+def test_a_run_from_relative_paths_reads_every_cached_clip(
+    ray_cluster: None, sqlite_tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = _cached_run(tmp_path, "relative", "features")
+    assert cli.main(["train", "--config", config.name]) == 0
+
+    (run,) = MlflowClient().search_runs([tracking.get_or_create_experiment("test-train")])
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert metrics["train_bad_clips"] == 0 and metrics["val_bad_clips"] == 0
+    assert metrics["val_videos_unscored"] == 0
+    assert metrics["val_worker_clips_min"] > 0  # both workers scored test clips
+    assert list((tmp_path / "ray" / "relative").glob("checkpoint_*"))
+
+
+def test_cached_taps_cut_after_the_check_stop_the_run_with_one_line(
+    ray_cluster: None, sqlite_tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The cache's key matches (preflight passes), but every video's taps are cut short:
+    each clip fails to read, and the run ends in one line and exit 4, FAILED in MLflow,
+    before evaluating a model trained on nothing."""
+    monkeypatch.chdir(tmp_path)
+    config = _cached_run(tmp_path, "cut-cache", "features")
+    taps = [p for p in (tmp_path / "features").rglob("*.npy")]
+    assert taps
+    for path in taps:
+        path.write_bytes(path.read_bytes()[:64])
+
+    assert cli.main(["train", "--config", config.name]) == 4
+
+    err = capsys.readouterr().err
+    message = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and message.startswith("jlstm: data error: epoch 1:")
+    assert "100.0%" in message and "bad_clips/epoch_001.csv" in message
+    (run,) = MlflowClient().search_runs([tracking.get_or_create_experiment("test-train")])
+    assert run.info.status == "FAILED"
+    assert "val_video_top1_vote" not in run.data.metrics  # evaluation never ran

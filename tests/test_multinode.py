@@ -9,6 +9,9 @@ added nodes) test placement without starting CUDA.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,20 +21,24 @@ from typing import Any
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
+from mlflow_server import free_port
 from ray.util.placement_group import (
     placement_group,
     placement_group_table,
     remove_placement_group,
 )
+from ray_processes import stop_ray_processes
 from tiny_run import EPOCHS, tiny_config
 
+from data_shards.manifest import BadDataError
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig
 from orchestration import tracking
 from orchestration.checkpoint import TrainState
-from orchestration.config import ClusterConfig, JlstmConfig, validate_config
+from orchestration.config import ClusterConfig, ConfigError, JlstmConfig, validate_config
 from orchestration.inference import evaluate_distributed, evaluate_model
-from orchestration.resources import live_nodes, plan_live, plan_resources
+from orchestration.resources import NodeShape, live_nodes, plan_live, plan_resources
+from orchestration.session import check_nodes_see_run
 from orchestration.trainer import SplitResult, train_split
 
 pytestmark = pytest.mark.slow
@@ -155,6 +162,9 @@ def test_evaluation_on_one_and_two_workers_agrees(
     name = tracking.registered_model_name("ucf101")
     on_two = evaluate_model(f"models:/{name}/{result.model_version}", cfg, tmp_path / "two")
     assert on_one.pop("seconds") > 0 and on_two.pop("seconds") > 0
+    # One worker scores every test clip; each of two scores a share (none idles).
+    clips_one, clips_two = on_one.pop("worker_clips_min"), on_two.pop("worker_clips_min")
+    assert 0 < clips_two <= clips_one / 2
     assert on_one == on_two
     # And the training run's own last evaluation (2 workers, distributed) agrees.
     last = state.history[-1]
@@ -223,3 +233,75 @@ def test_run_survives_losing_a_worker_node(
     assert TrainState.load(Path(result.checkpoint_dir)).epoch == EPOCHS
     name = tracking.registered_model_name("ucf101")
     assert MlflowClient().get_model_version(name, result.model_version).run_id == result.run_id
+
+
+PRIVATE_DISK = "private_disk"  # the custom resource that finds the node with its own disk
+
+
+def _private_node(cluster: Any, private: Path, home: Path, log: Path) -> subprocess.Popen:
+    """A node that joins `cluster` from a mount namespace of its own, with an empty tmpfs
+    over `private`: what the driver writes there, that node does not see (a node whose
+    local disk is not the driver's). 0 CPUs: the other tests never place work on it."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    ports = " ".join(
+        f"--{flag}={free_port()}" for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "runtime-env-agent-port", "metrics-export-port",
+        )
+    )
+    ip = cluster.address.rsplit(":", 1)[0]
+    script = (
+        f"mount -t tmpfs tmpfs {private} && exec {ray_bin} start --block "
+        f"--address={cluster.address} --node-ip-address={ip} --num-cpus=0 "
+        f"--resources='{{\"{PRIVATE_DISK}\": 1}}' {ports}"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HOME": str(home)}
+    with log.open("w") as out:
+        return subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+
+def test_a_node_that_does_not_see_the_data_or_the_storage_is_refused(
+    multinode_cluster: Any, dataset: Path, storage: Path, tmp_path: Path
+) -> None:
+    """The planner's nodes are probed before training: the loopback cluster's nodes share
+    this disk and pass; a node with its own disk over the storage folder, or over the
+    feature cache, is refused in one line naming the key, the path and the node."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount is not permitted here (needs CAP_SYS_ADMIN)")
+    shared = _config(dataset, storage, "probe", 1)
+    check_nodes_see_run(shared, live_nodes())  # every node of the loopback cluster
+
+    private, home = tmp_path / "private", tmp_path / "home"
+    (private / "ray").mkdir(parents=True)
+    (private / "features").mkdir()
+    home.mkdir()
+    node = _private_node(multinode_cluster, private, home, tmp_path / "node.log")
+    try:
+        (shape,) = _wait_for(
+            lambda: [n for n in ray.nodes() if n["Alive"] and PRIVATE_DISK in n["Resources"]],
+            120, "the node with its own disk",
+        )
+        nodes = [NodeShape(0, 0, shape["NodeManagerAddress"] + " private", shape["NodeID"])]
+        check_nodes_see_run(shared, nodes)  # data and storage outside `private`: seen there
+
+        own_storage = shared.model_copy(update={"cluster": shared.cluster.model_copy(
+            update={"storage_path": str(private / "ray")}
+        )})
+        with pytest.raises(ConfigError, match=r"cluster\.storage_path") as refused:
+            check_nodes_see_run(own_storage, nodes)
+        assert str(private / "ray") in str(refused.value)
+        assert "private" in str(refused.value).split("training node")[1]
+        assert not list((private / "ray").iterdir())  # the probe file is removed
+
+        own_cache = shared.model_copy(update={"data": shared.data.model_copy(update={
+            "feature_cache": str(private / "features"), "use_feature_cache": True,
+        })})
+        with pytest.raises(BadDataError, match=r"data\.feature_cache") as missing:
+            check_nodes_see_run(own_cache, nodes)
+        assert str(private / "features") in str(missing.value)
+    finally:
+        stop_ray_processes(node, home)

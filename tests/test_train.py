@@ -7,7 +7,6 @@ unreachable tracking server.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from mlflow_server import free_port, running_mlflow_server
+from ray_processes import stop_ray_processes
 from tiny_run import EPOCHS, tiny_config
 
 from data_shards.clips import clip_starts
@@ -322,41 +322,6 @@ def _wait_for_dashboard(
     raise TimeoutError(f"{address} not ready within {timeout_s:.0f} s ({last})")
 
 
-def _processes_with_home(home: Path) -> set[int]:
-    """Processes whose environment has HOME=home: with a HOME made for one test, exactly
-    the processes of the cluster that test started (its workers and job drivers included)."""
-    marker = f"HOME={home}".encode()
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0"):
-            pids.add(int(proc.name))
-    return pids
-
-
-def _stop_head(head: subprocess.Popen, home: Path) -> None:
-    """Stop the `ray start --block` head, then whatever of its cluster outlived it."""
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-    # Ray's workers and job drivers sit in their own process groups; they exit once their
-    # raylet is gone. Give them a moment, then end the stragglers, one by one.
-    deadline = time.monotonic() + 30
-    while _processes_with_home(home) and time.monotonic() < deadline:
-        time.sleep(1)
-    for pid in _processes_with_home(home):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.mark.timeout(900)
 def test_ray_job_submit_runs_training(dataset: Path, tmp_path: Path) -> None:
     """`ray job submit` against a `ray start --head` cluster on loopback with token auth on:
@@ -444,6 +409,6 @@ def test_ray_job_submit_runs_training(dataset: Path, tmp_path: Path) -> None:
         assert [job["status"] for job in jobs] == ["SUCCEEDED"], jobs
         assert "jlstm train" in jobs[0]["entrypoint"]
     finally:
-        _stop_head(head, home)
+        stop_ray_processes(head, home)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
