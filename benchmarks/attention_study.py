@@ -40,8 +40,9 @@ from model import JointAttentionNet
 from model.branch import activity_map
 from orchestration.config import JlstmConfig, load_config
 from orchestration.evaluate import attention_on_target, evaluate
+from orchestration.metrics import LOSS_TERMS, loss_metric
 from orchestration.step import build_optimizer, to_batch, train_step
-from orchestration.train_loop import LOSS_TERMS, predict_clips
+from orchestration.train_loop import predict_clips
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 LAMBDAS = (0.0, 1.0, 10.0, 100.0, 1000.0)
@@ -127,7 +128,7 @@ def train_setting(cfg: JlstmConfig, overrides: dict[str, Any], epochs: int) -> d
         per_branch = np.concatenate(on_target).mean(axis=0)
         history.append({
             "epoch": epoch + 1,
-            **{f"loss_{t}": sums[t] / steps for t in LOSS_TERMS},
+            **{loss_metric(t): sums[t] / steps for t in LOSS_TERMS},
             "val_clip_top1_vote": metrics["clip_top1_vote"],
             "val_video_top1_vote": metrics["video_top1_vote"],
             "attention_on_target": float(per_branch.mean()),

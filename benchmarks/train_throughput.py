@@ -54,16 +54,12 @@ from data_shards.index import ensure_index
 from data_shards.manifest import load_manifest
 from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
-from orchestration.checkpoint import TrainState
+from orchestration.checkpoint import EVAL_DIR, TrainState
 from orchestration.config import JlstmConfig, load_config
 from orchestration.evaluate import evaluate
 from orchestration.session import plan_run
 from orchestration.step import build_optimizer
-from orchestration.train_loop import (
-    EVAL_DIR,
-    predict_clips,
-    train_epoch,
-)
+from orchestration.train_loop import predict_clips, train_epoch
 from orchestration.trainer import build_trainer, prepare_data
 
 REPO = Path(__file__).resolve().parent.parent

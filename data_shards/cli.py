@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections import Counter
 
-import pyarrow.parquet as pq
-
 
 def _index(args: argparse.Namespace) -> int:
     """Probe the split's videos; print the summary and the quarantine reasons."""
+    import pyarrow.parquet as pq
+
     from data_shards.cluster import init_ray
     from data_shards.config import DataConfig
     from data_shards.index import index_videos

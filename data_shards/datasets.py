@@ -39,8 +39,8 @@ from ray.data import RandomSeedConfig
 from data_shards.clips import clip_table
 from data_shards.config import DataConfig
 from data_shards.decode import decode_batch
-from data_shards.features import cached_taps, check_cache, read_cached_batch
-from data_shards.manifest import check_bad_fraction, load_manifest
+from data_shards.features import cached_taps, read_cached_batch
+from data_shards.run_data import RunData, load_run_data
 
 
 def subset_clips(
@@ -102,7 +102,12 @@ def _decoded(
 
 
 def build_datasets(
-    data_cfg: DataConfig, model_cfg, *, epoch_seed: int | None = None, eval_workers: int = 1
+    data_cfg: DataConfig,
+    model_cfg,
+    *,
+    epoch_seed: int | None = None,
+    eval_workers: int = 1,
+    run_data: RunData | None = None,
 ) -> dict[str, ray.data.Dataset]:
     """{"train", "val"} datasets of clip rows for `TorchTrainer(datasets=...)`.
 
@@ -111,13 +116,13 @@ def build_datasets(
     are read by the consumer: iterate with `iter_clip_batches(ds, n, clip_readers(...)[name])`
     to get taps_<name> per tap of `model_cfg.taps`, ok and error. Failed clips are rows with
     ok=False, never exceptions. `val` comes in enough blocks for each of `eval_workers`
-    workers to score some (`eval_blocks`). Raises BadDataError past max_bad_fraction,
-    StaleCacheError for a cache that does not match the configs.
+    workers to score some (`eval_blocks`). From `run_data` (read and checked once), else
+    read here: BadDataError past max_bad_fraction, StaleCacheError for a cache that does
+    not match the configs.
     """
-    manifest = load_manifest(data_cfg)
-    check_bad_fraction(data_cfg, manifest)
-    if data_cfg.use_feature_cache:
-        check_cache(data_cfg, model_cfg, manifest)
+    if run_data is None:
+        run_data = load_run_data(data_cfg, lambda num_classes: model_cfg)
+    manifest = run_data.manifest
     clip_len, interval = model_cfg.clip_len, data_cfg.frame_interval
     train_stride, eval_stride = data_cfg.train_stride, data_cfg.eval_stride_for(clip_len)
     train_clips = subset_clips(manifest, "train", clip_len, train_stride, interval)
@@ -137,14 +142,17 @@ def build_datasets(
     return {"train": train, "val": val}
 
 
-def clip_readers(data_cfg: DataConfig, model_cfg) -> dict[str, ClipReader | None]:
+def clip_readers(
+    data_cfg: DataConfig, model_cfg, cache_key: dict | None = None
+) -> dict[str, ClipReader | None]:
     """Per dataset of `build_datasets`, what its consumer applies to each batch: reading
-    the cached taps (with the cache's taps, dtype and the subset's clip grid), or None."""
+    the cached taps (with the cache's taps, dtype and the subset's clip grid), or None.
+    `cache_key`: the cache's key as checked (`RunData.cache_key`), else read."""
     if not data_cfg.use_feature_cache:
         return {"train": None, "val": None}
     common = {
         "cache_dir": data_cfg.feature_cache,
-        "cache_taps": cached_taps(data_cfg),
+        "cache_taps": cached_taps(data_cfg, cache_key),
         "taps": list(model_cfg.taps),
         "map_size": model_cfg.map_size,
         "clip_len": model_cfg.clip_len,

@@ -35,6 +35,7 @@ import ray
 from data_shards.clips import frame_indices, needed_frames
 from data_shards.config import TAP_PREFIX, TAP_SCALE_PREFIX, DataConfig
 from data_shards.decode import open_reader
+from data_shards.errors import StaleCacheError
 from data_shards.manifest import load_manifest
 
 KEY_FILE = "cache_key.json"
@@ -45,10 +46,6 @@ FORWARD_CHUNK = 32  # frames per backbone forward pass
 VIDEOS_PER_CALL = 8  # videos an actor caches per call (each one's failure is its own row)
 # Random-init VGG16 (no backbone_weights) is seeded so the cache and its check agree.
 RANDOM_INIT_SEED = 0
-
-
-class StaleCacheError(RuntimeError):
-    """The cache on disk was built for different data, backbone or clip settings."""
 
 
 @dataclass(frozen=True)
@@ -127,9 +124,12 @@ def check_cache(data_cfg: DataConfig, model_cfg, manifest: pa.Table | None = Non
     return found
 
 
-def cached_taps(data_cfg: DataConfig) -> list[str]:
-    """The taps the cache at `data.feature_cache` holds, in its files' order (its key)."""
-    return list(json.loads((Path(str(data_cfg.feature_cache)) / KEY_FILE).read_text())["taps"])
+def cached_taps(data_cfg: DataConfig, key: dict | None = None) -> list[str]:
+    """The taps the cache at `data.feature_cache` holds, in its files' order: from its
+    `key` (as `check_cache` returned it), else read from the key file."""
+    if key is None:
+        key = json.loads((Path(str(data_cfg.feature_cache)) / KEY_FILE).read_text())
+    return list(key["taps"])
 
 
 def cache_file(cache_dir: str | Path, video_id: int) -> Path:

@@ -15,10 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_shards.config import DataConfig
-
-
-class BadDataError(RuntimeError):
-    """More of the dataset failed than `max_bad_fraction` allows."""
+from data_shards.errors import BadDataError
 
 
 def load_manifest(data_cfg: DataConfig) -> pa.Table:
@@ -34,9 +31,14 @@ def quarantine_table(data_cfg: DataConfig) -> pa.Table:
     return pq.read_table(data_cfg.quarantine_path())
 
 
-def check_bad_fraction(data_cfg: DataConfig, manifest: pa.Table) -> None:
-    """Refuse a run where the quarantined share of listed videos exceeds max_bad_fraction."""
-    bad = quarantine_table(data_cfg).num_rows if data_cfg.quarantine_path().is_file() else 0
+def check_bad_fraction(
+    data_cfg: DataConfig, manifest: pa.Table, quarantine: pa.Table | None = None
+) -> None:
+    """Refuse a run where the quarantined share of listed videos exceeds max_bad_fraction
+    (the `quarantine` table as read, else read here)."""
+    if quarantine is None and data_cfg.quarantine_path().is_file():
+        quarantine = quarantine_table(data_cfg)
+    bad = quarantine.num_rows if quarantine is not None else 0
     listed = bad + manifest.num_rows
     if listed and bad / listed > data_cfg.max_bad_fraction:
         raise BadDataError(

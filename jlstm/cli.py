@@ -15,12 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from data_shards.cli import add_data_commands
-from data_shards.features import StaleCacheError
-from data_shards.manifest import BadDataError
+from data_shards.errors import BadDataError, StaleCacheError
 from orchestration.cli import add_run_commands
-from orchestration.config import ConfigError
-from orchestration.session import RunInUse
-from orchestration.tracking import TrackingUnavailable
+from orchestration.errors import ConfigError, RunInUse, TrackingUnavailable
 from tune_spaces.cli import add_tune_command
 from tune_spaces.paper_cli import add_paper_commands
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
 
 from data_shards.decode import decode_clip
@@ -18,12 +18,13 @@ log = logging.getLogger(__name__)
 
 
 def attention_examples(
-    net: JointAttentionNet, cfg: JlstmConfig, manifest: Path, names: list[str], out_dir: Path
+    net: JointAttentionNet, cfg: JlstmConfig, test_videos: pa.Table, names: list[str],
+    out_dir: Path,
 ) -> list[Path]:
-    """Attention grids (paper Fig. 6) for the first clip of a few test videos, one per
-    class; a video that no longer decodes is skipped (its clips are in bad_clips)."""
-    table = pq.read_table(manifest).to_pandas()
-    test = table[table["subset"] == "test"]
+    """Attention grids (paper Fig. 6) for the first clip of a few of `test_videos` (manifest
+    rows), one per class; a video that no longer decodes is skipped (its clips are in
+    bad_clips)."""
+    test = test_videos.to_pandas()
     model_cfg = net.cfg
     paths: list[Path] = []
     plotted: set[int] = set()

@@ -1,5 +1,9 @@
 """The run commands of `jlstm` (train, eval, predict, plan, demo, data features), registered
-on the top-level parser by `jlstm.cli`."""
+on the top-level parser by `jlstm.cli`.
+
+Each command imports what it runs when it runs: `jlstm --help` (and a mistyped flag) then
+answers without importing Ray, torch or MLflow (seconds of imports).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,9 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from orchestration import tracking
-from orchestration.config import JlstmConfig, load_config
-from orchestration.resources import NodeShape, plan_resources
-
 if TYPE_CHECKING:
-    from orchestration.trainer import SplitResult
+    from orchestration.config import JlstmConfig
+    from orchestration.resources import NodeShape
 
 
 def _splits(text: str) -> list[int]:
@@ -35,7 +36,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from orchestration.trainer import train_splits
+    from orchestration.config import load_config
+    from orchestration.trainer import print_results, train_splits
 
     cfg = load_config(args.config, args.overrides)
     if args.new_run:  # a fresh run (and Ray Train folder) beside the one of this name
@@ -46,24 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-SUMMARY_METRICS = ("val_clip_top1_vote", "val_video_top1_vote", "val_video_top1_prob",
-                   "val_video_top5_prob", "val_video_mean_class_vote")
-
-
-def print_results(results: list[SplitResult]) -> None:
-    """A table of each split's test metrics, and where to look in MLflow."""
-    print(f"{'run':34s}" + "".join(f"{m.removeprefix('val_'):>22s}" for m in SUMMARY_METRICS))
-    for r in results:
-        row = "".join(f"{r.metrics.get(m, float('nan')):22.3f}" for m in SUMMARY_METRICS)
-        print(f"{r.run_id:34s}{row}")
-        status = "now champion" if r.promoted else "champion unchanged"
-        print(f"  model version {r.model_version} ({status}); checkpoint {r.checkpoint_dir}")
-    uri = tracking.tracking_uri()
-    hint = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
-    print(f"browse the runs: {hint}")
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from orchestration.config import load_config
     from orchestration.inference import evaluate_model
 
     cfg = load_config(args.config, args.overrides)
@@ -91,6 +77,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     from data_shards.features import build_feature_cache
     from data_shards.index import ensure_index
     from data_shards.splits import class_names
+    from orchestration.config import load_config
     from orchestration.resources import feature_pool, live_nodes
 
     cfg = load_config(args.config, args.overrides)
@@ -111,6 +98,7 @@ def plan_report(cfg: JlstmConfig, nodes: list[NodeShape]) -> dict[str, Any]:
     """`jlstm plan --json`: the resource plan on `nodes` and the size of an epoch."""
     from data_shards.sizing import data_size
     from data_shards.splits import class_names
+    from orchestration.resources import plan_resources
 
     manifest = cfg.data.manifest_path()
     num_classes = len(class_names(manifest)) if manifest.is_file() else 2
@@ -161,6 +149,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from data_shards.cluster import init_ray
+    from orchestration.config import load_config
     from orchestration.resources import live_nodes, parse_nodes
 
     cfg = load_config(args.config, args.overrides)

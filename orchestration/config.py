@@ -14,10 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from data_shards.config import DataConfig
 from model import VARIANTS, ModelConfig, model_config
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says which key and why."""
+from orchestration.errors import ConfigError
 
 
 class _Section(BaseModel):

@@ -15,15 +15,14 @@ from data_shards.index import ensure_index
 from data_shards.splits import class_names
 from data_shards.synth import synthesize_dataset
 from data_shards.targets import TARGETS_FILE
-from orchestration.cli import print_results
 from orchestration.config import load_config
+from orchestration.metrics import ATTENTION_ON_TARGET, VIDEO_TOP1_VOTE
 from orchestration.resources import feature_pool, live_nodes
-from orchestration.trainer import train_splits
+from orchestration.trainer import print_results, train_splits
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_CLASSES = 4
 DEMO_VIDEOS_PER_CLASS = 24
-ON_TARGET = "val_attention_on_target"
 
 
 def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) -> int:
@@ -60,15 +59,15 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     chance = 1 / len(class_names(manifest))
     print(
         f"demo finished in {time.perf_counter() - started:.0f} s; "
-        f"video top-1 {metrics['val_video_top1_vote']:.1%} (chance {chance:.0%})"
+        f"video top-1 {metrics[VIDEO_TOP1_VOTE]:.1%} (chance {chance:.0%})"
     )
-    if "val_attention_on_target" in metrics:  # data written before the boxes were recorded
+    if ATTENTION_ON_TARGET in metrics:  # data written before the boxes were recorded
         branches = ", ".join(
-            f"{key.removeprefix(ON_TARGET + '_')} {value:.2f}"
-            for key, value in metrics.items() if key.startswith(ON_TARGET + "_")
+            f"{key.removeprefix(ATTENTION_ON_TARGET + '_')} {value:.2f}"
+            for key, value in metrics.items() if key.startswith(ATTENTION_ON_TARGET + "_")
         )
         print(
-            f"attention on the moving square: {metrics[ON_TARGET]:.2f}x uniform "
+            f"attention on the moving square: {metrics[ATTENTION_ON_TARGET]:.2f}x uniform "
             f"({branches}; 1.0 = uniform attention)"
         )
     return 0

@@ -17,15 +17,16 @@ from data_shards.cluster import init_ray
 from data_shards.datasets import build_datasets, clip_readers
 from data_shards.decode import decode_clip, open_reader
 from data_shards.index import ensure_index
-from data_shards.manifest import load_manifest, subset_videos
-from data_shards.splits import class_names
+from data_shards.run_data import RunData, load_run_data
 from model import ModelConfig, normalize_frames
 from orchestration import tracking
+from orchestration.checkpoint import BAD_CLIPS_FILE, EVAL_DIR
 from orchestration.config import JlstmConfig
+from orchestration.metrics import EVAL_PREFIX
 from orchestration.mlflow_model import PREDICT_BATCH, predict_proba
 from orchestration.plots import plot_attention_overlay
 from orchestration.session import plan_run, run_storage
-from orchestration.train_loop import BAD_CLIPS_FILE, EVAL_DIR, eval_loop_per_worker
+from orchestration.train_loop import SETUP_KEY, EvalSetup, eval_loop_per_worker
 from orchestration.trainer import SplitEvalDataConfig, check_test_clips_scored
 
 
@@ -35,14 +36,15 @@ def evaluate_model(model_uri: str, cfg: JlstmConfig, out_dir: str | Path) -> dic
     tracking.connect()
     loaded = tracking.load_model(model_uri)
     init_ray()
-    manifest = ensure_index(cfg.data)
-    if class_names(manifest) != loaded.class_names:
+    ensure_index(cfg.data)
+    run = load_run_data(cfg.data, lambda num_classes: loaded.model_cfg)
+    if run.class_names != loaded.class_names:
         raise ValueError(
             f"model {model_uri} was trained on classes {loaded.class_names[:5]}..., "
-            f"but {manifest} lists {class_names(manifest)[:5]}...: not the same dataset"
+            f"but {run.manifest_path} lists {run.class_names[:5]}...: not the same dataset"
         )
     return evaluate_distributed(
-        cfg, loaded.model_cfg, loaded.net.state_dict(), loaded.class_names, out_dir
+        cfg, loaded.model_cfg, loaded.net.state_dict(), loaded.class_names, out_dir, run
     )
 
 
@@ -52,26 +54,27 @@ def evaluate_distributed(
     state_dict: dict[str, torch.Tensor],
     names: list[str],
     out_dir: str | Path,
+    run: RunData | None = None,
 ) -> dict[str, float]:
     """Every test clip scored once, spread over `cfg.cluster.num_workers` Ray Train workers.
 
     The workers are placed by the resource planner like a training run's; rank 0 gathers
     the clip predictions and computes the metrics (`eval_loop_per_worker`). The report
-    files land in `out_dir`.
+    files land in `out_dir`. `run`: the data as read (and checked) once, else read here.
     """
     plan = plan_run(cfg)
-    val = build_datasets(cfg.data, model_cfg, eval_workers=cfg.cluster.num_workers)["val"]
-    test_videos = subset_videos(load_manifest(cfg.data), "test")
+    run = run or load_run_data(cfg.data, lambda num_classes: model_cfg)
+    val = build_datasets(
+        cfg.data, model_cfg, eval_workers=cfg.cluster.num_workers, run_data=run
+    )["val"]
+    test_videos = run.test_videos
     trainer = TorchTrainer(
         eval_loop_per_worker,
-        train_loop_config={
-            "model_config": model_cfg.model_dump(mode="json"),
-            "class_names": names,
-            "state_ref": ray.put({k: v.cpu() for k, v in state_dict.items()}),
-            "batch_size": max(1, cfg.train.batch_size // cfg.cluster.num_workers),
-            "read": clip_readers(cfg.data, model_cfg)["val"],
-            "test_videos": test_videos,
-        },
+        train_loop_config={SETUP_KEY: EvalSetup(
+            model_cfg, names, ray.put({k: v.cpu() for k, v in state_dict.items()}),
+            max(1, cfg.train.batch_size // cfg.cluster.num_workers),
+            clip_readers(cfg.data, model_cfg, run.cache_key)["val"], test_videos,
+        )},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=cfg.cluster.use_gpu,
@@ -94,7 +97,7 @@ def evaluate_distributed(
     with result.checkpoint.as_directory() as ckpt_dir:
         shutil.copytree(Path(ckpt_dir) / EVAL_DIR, Path(out_dir), dirs_exist_ok=True)
     return {
-        k.removeprefix("val_"): float(v)
+        k.removeprefix(EVAL_PREFIX): float(v)
         for k, v in result.metrics.items()
         if isinstance(v, int | float)
     }

@@ -25,7 +25,6 @@ CONFUSION_ANNOTATE_MAX_CLASSES = 20  # beyond this the counts are unreadable
 ATTENTION_CELL_INCHES = 1.5
 ATTENTION_TITLE_INCHES = 0.5
 ATTENTION_ALPHA = 0.5
-_ACCURACY_MARKERS = ("top1", "top5", "mean_class", "acc")
 
 
 def confusion_figsize(num_classes: int) -> float:
@@ -73,11 +72,25 @@ def _series(history: Sequence[dict[str, float]], key: str) -> tuple[list[float],
     return xs, ys
 
 
-def plot_loss_curves(history: Sequence[dict[str, float]], path: str | Path) -> Path:
-    """Save per-epoch curves: losses (`loss*` keys) left, accuracies (`*top1*` ...) right."""
-    keys = sorted({k for row in history for k in row if k != "epoch"})
-    losses = [k for k in keys if k.startswith("loss")]
-    accuracies = [k for k in keys if any(m in k for m in _ACCURACY_MARKERS)]
+def plot_loss_curves(
+    history: Sequence[dict[str, float]],
+    losses: Sequence[str],
+    accuracies: Sequence[str],
+    path: str | Path,
+) -> Path:
+    """Save `loss_curves_figure` as a PNG at `path`."""
+    return _save(loss_curves_figure(history, losses, accuracies), path)
+
+
+def loss_curves_figure(
+    history: Sequence[dict[str, float]], losses: Sequence[str], accuracies: Sequence[str]
+) -> Figure:
+    """Per-epoch curves: the `losses` left, the `accuracies` right (each key that `history`
+    has), one colour per series: a few a user reads, not every metric logged
+    (`metrics.PLOTTED_ACCURACIES`; MLflow charts the rest)."""
+    logged = {k for row in history for k in row}
+    losses = [k for k in losses if k in logged]
+    accuracies = [k for k in accuracies if k in logged]
     fig = Figure(figsize=LOSS_FIGSIZE, dpi=DPI)
     loss_ax, acc_ax = fig.subplots(1, 2)
     for ax, panel_keys, title in (
@@ -102,7 +115,7 @@ def plot_loss_curves(history: Sequence[dict[str, float]], path: str | Path) -> P
         loss_ax.set_yscale("log")
     acc_ax.set_ylim(0.0, 1.0)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.2)
-    return _save(fig, path)
+    return fig
 
 
 def upsample_attention(maps: np.ndarray, size: int) -> np.ndarray:

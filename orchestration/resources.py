@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from orchestration.config import ClusterConfig, ConfigError
+from orchestration.config import ClusterConfig
+from orchestration.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

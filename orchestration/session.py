@@ -17,8 +17,9 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from data_shards.manifest import BadDataError
-from orchestration.config import ConfigError, JlstmConfig, absolute_path, is_uri
+from data_shards.errors import BadDataError
+from orchestration.config import JlstmConfig, absolute_path, is_uri
+from orchestration.errors import ConfigError, RunInUse
 from orchestration.resources import (
     NodeShape,
     ResourcePlan,
@@ -122,10 +123,6 @@ def check_nodes_see_run(cfg: JlstmConfig, nodes: list[NodeShape]) -> None:
 def run_storage(cfg: JlstmConfig) -> str:
     """`cluster.storage_path` as Ray Train takes it (made absolute when the config loaded)."""
     return absolute_path(cfg.cluster.storage_path)
-
-
-class RunInUse(RuntimeError):
-    """Another process is training this run name right now."""
 
 
 # Named actors of other jobs are visible only inside a namespace they share.

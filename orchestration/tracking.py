@@ -18,6 +18,9 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,18 +42,14 @@ from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import model as model_package
-from data_shards.manifest import dataset_digest, load_manifest, quarantine_table
+from data_shards.run_data import RunData
 from model import ModelConfig
 from orchestration import mlflow_model
-from orchestration.config import (
-    PATH_KEYS,
-    ConfigError,
-    JlstmConfig,
-    absolute_path,
-    config_to_yaml,
-)
+from orchestration.checkpoint import BAD_CLIPS_FILE
+from orchestration.config import PATH_KEYS, JlstmConfig, absolute_path, config_to_yaml
+from orchestration.errors import ConfigError, TrackingUnavailable
+from orchestration.metrics import TRAIN_BAD_CLIPS, VAL_BAD_CLIPS
 from orchestration.mlflow_model import LoadedModel, load_from_files
-from orchestration.train_loop import BAD_CLIPS_FILE
 
 if TYPE_CHECKING:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -67,10 +66,6 @@ FRAME_INTERVAL_KEY = "frame_interval"  # in the MLmodel metadata
 # Packages the pyfunc needs at load time; pinned so the environment is reproducible, and
 # listed instead of inferred because inference loads the model in a subprocess (slow).
 _REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pydantic")
-
-
-class TrackingUnavailable(RuntimeError):
-    """The configured MLflow tracking server cannot be reached."""
 
 
 def tracking_uri() -> str:
@@ -420,6 +415,42 @@ def config_differences(cfg: JlstmConfig, run_id: str) -> str:
     return "; ".join(f"{k}: run has {logged[k]}, config has {wanted[k]}" for k in differ)
 
 
+@dataclass
+class TrackedRun:
+    """An MLflow run inside `tracked_run`: its id, and how it ends if nothing raises."""
+
+    run_id: str
+    status: str = "FINISHED"
+
+    def fail(self) -> None:
+        """End FAILED even though no exception left the block (some of its work failed)."""
+        self.status = "FAILED"
+
+
+@contextmanager
+def tracked_run(
+    cfg: JlstmConfig | None = None,
+    experiment_id: str | None = None,
+    parent_run_id: str | None = None,
+    *,
+    run_id: str | None = None,
+) -> Iterator[TrackedRun]:
+    """The one lifecycle of an MLflow run: start or resume the run of `cfg` in
+    `experiment_id` (`start_run`), or take the started `run_id`; end it FINISHED, or FAILED
+    when the block raises (then the error goes on) or calls `fail()`."""
+    if run_id is None:
+        if cfg is None or experiment_id is None:
+            raise ValueError("tracked_run needs cfg and experiment_id, or run_id")
+        run_id = start_run(cfg, experiment_id, parent_run_id)
+    run = TrackedRun(run_id)
+    try:
+        yield run
+    except BaseException:
+        end_run(run_id, "FAILED")
+        raise
+    end_run(run_id, run.status)
+
+
 def end_run(run_id: str, status: str) -> None:
     """Mark a run FINISHED or FAILED; best effort (the server may be the thing that failed)."""
     try:
@@ -446,7 +477,7 @@ class MlflowEpochLogger(ray.train.UserCallback):
         epoch = int(metrics[0].get("epoch", 0))
         try:
             log_epoch(self.tracking_uri, self.run_id, metrics[0])
-            failed = metrics[0].get("train_bad_clips", 0) + metrics[0].get("val_bad_clips", 0)
+            failed = metrics[0].get(TRAIN_BAD_CLIPS, 0) + metrics[0].get(VAL_BAD_CLIPS, 0)
             if failed and checkpoint is not None:
                 self.log_bad_clips(checkpoint, epoch)
         except Exception as err:  # any client or connection error
@@ -492,17 +523,19 @@ def log_missing_epochs(run_id: str, history: list[dict[str, float]]) -> int:
     return len(missing)
 
 
-def log_run_inputs(cfg: JlstmConfig, run_id: str, model_cfg: ModelConfig) -> str:
+def log_run_inputs(
+    cfg: JlstmConfig, run_id: str, model_cfg: ModelConfig, data: RunData
+) -> str:
     """Params (the flattened config), the config YAML, the quarantine table, and the
     manifest as the run's MLflow dataset input; returns the dataset digest."""
-    digest = log_dataset(cfg, run_id)
+    digest = log_dataset(cfg, run_id, data.digest)
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(config_to_yaml(cfg))
         client.log_artifact(run_id, str(config_path))
         quarantine = Path(tmp) / "quarantine.csv"
-        quarantine_table(cfg.data).to_pandas().to_csv(quarantine, index=False)
+        data.quarantine.to_pandas().to_csv(quarantine, index=False)
         client.log_artifact(run_id, str(quarantine))
     existing = client.get_run(run_id).data.params
     params = flatten_params(cfg.model_dump(mode="json"))
@@ -515,11 +548,10 @@ def log_run_inputs(cfg: JlstmConfig, run_id: str, model_cfg: ModelConfig) -> str
     return digest
 
 
-def log_dataset(cfg: JlstmConfig, run_id: str) -> str:
-    """The run's manifest as an MLflow dataset input (name, digest, source); returns the
+def log_dataset(cfg: JlstmConfig, run_id: str, digest: str) -> str:
+    """The run's manifest as an MLflow dataset input (name, `digest`, source); returns the
     digest. Only metadata is logged: the manifest file stays where it is."""
     path = cfg.data.manifest_path().resolve()
-    digest = dataset_digest(load_manifest(cfg.data))
     dataset = MetaDataset(
         resolve_dataset_source(path.as_uri()),
         name=f"{cfg.data.dataset}-split{cfg.data.split}",

@@ -1,30 +1,28 @@
 """The per-worker training loop that Ray Train runs on every DDP worker.
 
-Read it top to bottom: `train_loop_per_worker` builds the net, restores the last checkpoint
+Read it top to bottom: the driver builds one typed `WorkerSetup`; each worker's
+`WorkerTrainer` builds the model, optimizer and checkpointer, restores the last checkpoint
 if there is one, then for each epoch trains on this worker's shard (`train_epoch`), scores
 this worker's shard of the test clips (`evaluate_shard`: rank 0 gathers them and computes
-the metrics), and reports the epoch's metrics with a checkpoint. The helpers follow in
-that order; one optimizer step is `orchestration.step.train_step`.
+the metrics), and reports the epoch's metrics with a checkpoint (`epoch_metrics`,
+`Checkpointer.save`). The helpers follow in that order; one optimizer step is
+`orchestration.step.train_step`.
 
 Clips that fail to decode or read are counted on every worker, gathered to rank 0 and
-written beside the epoch's checkpoint (`BAD_CLIPS_FILE`, logged to MLflow). When more of an
-epoch's training clips failed than `data.max_bad_fraction`, the run reports that epoch and
-stops; the driver turns that into a `BadDataError`.
+saved with the epoch's checkpoint (`checkpoint.Checkpointer`, logged to MLflow). When more
+of an epoch's training clips failed than `data.max_bad_fraction`, the run reports that
+epoch and stops; the driver turns that into a `BadDataError`.
 """
 
 from __future__ import annotations
 
 import random
-import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pacsv
 import ray.train
 import ray.train.torch
 import torch
@@ -34,109 +32,160 @@ from torch import nn
 from data_shards.datasets import ClipReader, iter_clip_batches
 from data_shards.targets import TargetCells
 from model import JointAttentionNet, ModelConfig, clip_scores
-from orchestration.checkpoint import TrainState
+from orchestration.checkpoint import Checkpointer, TrainState
 from orchestration.config import JlstmConfig
 from orchestration.evaluate import ClipPredictions, EvalReport, attention_on_target, evaluate
+from orchestration.metrics import (
+    ATTENTION_ON_TARGET,
+    LOSS_TERMS,
+    TRAIN_BAD_CLIPS,
+    TRAIN_BAD_FRACTION,
+    TRAIN_CLIP_TOP1,
+    TRAIN_CLIPS_PER_S,
+    VAL_BAD_CLIPS,
+    VAL_SECONDS,
+    VAL_VIDEOS_SCORED,
+    VAL_VIDEOS_UNSCORED,
+    VAL_WORKER_CLIPS_MIN,
+    epoch_metrics,
+    eval_metric,
+    loss_metric,
+)
 from orchestration.step import BadClip, autocast, build_optimizer, to_batch, train_step
-
-EVAL_DIR = "eval"  # the epoch's evaluation report (metrics, per-class CSV, confusion matrix)
-BAD_CLIPS_FILE = "bad_clips.csv"  # subset, video_id, clip_start, error of every failed clip
-LOSS_TERMS = ("total", "lstm", "supervision", "attention_reg")
-VAL_SECONDS = "val_seconds"
-TRAIN_BAD_FRACTION = "train_bad_clip_fraction"
+from orchestration.tracking import start_system_metrics
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; `loop_config` holds the validated config, the class names,
-    the number of test videos the split has, each dataset's clip reader (cached taps
-    are read here, in the worker: `data_shards.datasets.iter_clip_batches`) and, on
-    synthetic data, where the moving target is (`targets`, or None)."""
-    cfg = JlstmConfig.model_validate(loop_config["config"])
-    class_names: list[str] = loop_config["class_names"]
-    model_cfg = ModelConfig.model_validate(loop_config["model_config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.train.seed + rank)
-    random.seed(cfg.train.seed + rank)
+@dataclass(frozen=True)
+class SystemMetrics:
+    """Where the training nodes log MLflow's system metrics (CPU, memory, GPU)."""
 
-    # On the device before the optimizer exists, so restored optimizer state lands beside it.
-    core = JointAttentionNet(model_cfg).to(device)
-    optimizer, scheduler = build_optimizer(core, cfg.train)
-    start_epoch, best, history = 0, -1.0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = TrainState.load(Path(ckpt_dir))
-        core.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        _set_rng_state(state.rng[rank % len(state.rng)])
-        start_epoch, best, history = state.epoch, state.best_metric, state.history
-    net = ray.train.torch.prepare_model(core)
-    per_worker_batch = max(1, cfg.train.batch_size // world)
-    monitor = _node_system_metrics(loop_config.get("system_metrics"), ctx)
+    run_id: str
+    tracking_uri: str
+    driver_node_id: str  # a local SQLite store is reachable from this node only
+    interval_s: float
 
-    readers = loop_config["readers"]
-    for epoch in range(start_epoch, cfg.train.epochs):
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a training worker is given, built once on the driver
+    (`TorchTrainer(train_loop_config={SETUP_KEY: setup})`)."""
+
+    config: JlstmConfig
+    model_config: ModelConfig  # resolved: the dataset's number of classes
+    class_names: list[str]
+    test_videos: int  # the split's test videos (a video none of whose clips scored counts)
+    # What each dataset's consumer applies per batch: reads the cached taps here, in the
+    # worker (`data_shards.datasets.iter_clip_batches`), or None for decoded frames.
+    readers: dict[str, ClipReader | None]
+    targets: TargetCells | None = None  # the moving shape's cells, on synthetic data
+    system_metrics: SystemMetrics | None = None
+
+
+SETUP_KEY = "setup"
+
+
+def train_loop_per_worker(loop_config: dict[str, WorkerSetup]) -> None:
+    """Ray Train entry point: this worker's `WorkerTrainer`, trained."""
+    WorkerTrainer(loop_config[SETUP_KEY]).train()
+
+
+class WorkerTrainer:
+    """One DDP worker's part of a run. It owns the model (`model`, and `ddp_model`, the same
+    model wrapped for DDP), the optimizer and schedule, the clip readers and the
+    checkpointer; `train` is the loop, top to bottom."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        self.setup = setup
+        self.cfg = setup.config
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(self.cfg.train.seed + self.rank)
+        random.seed(self.cfg.train.seed + self.rank)
+        # On the device before the optimizer exists, so restored optimizer state lands
+        # beside it.
+        self.model = JointAttentionNet(setup.model_config).to(self.device)
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg.train)
+        self.checkpointer = Checkpointer()
+        self.start_epoch, self.best, self.history = 0, -1.0, []
+        state = self.checkpointer.restore()
+        if state is not None:
+            self.model.load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
+            self.scheduler.load_state_dict(state.scheduler)
+            _set_rng_state(state.rng[self.rank % len(state.rng)])
+            self.start_epoch, self.best, self.history = (
+                state.epoch, state.best_metric, state.history
+            )
+        self.ddp_model = ray.train.torch.prepare_model(self.model)
+        self.batch_size = max(1, self.cfg.train.batch_size // self.world)
+
+    def train(self) -> None:
+        """Every remaining epoch: train on this worker's shard, score its shard of the test
+        clips (rank 0 gathers them), report the metrics with a checkpoint; stop early when
+        too many clips failed."""
+        monitor = _node_system_metrics(self.setup.system_metrics, ray.train.get_context())
+        for epoch in range(self.start_epoch, self.cfg.train.epochs):
+            if self.run_epoch(epoch + 1):
+                break
+        if monitor is not None:
+            monitor.finish()
+
+    def run_epoch(self, epoch: int) -> bool:
+        """Train, evaluate and checkpoint epoch `epoch` (from 1); whether the run stops."""
+        readers = self.setup.readers
         train_batches = iter_clip_batches(
-            ray.train.get_dataset_shard("train"), per_worker_batch, readers["train"]
+            ray.train.get_dataset_shard("train"), self.batch_size, readers["train"]
         )
-        metrics, train_failures = train_epoch(
-            net, core, train_batches, optimizer, cfg, device
+        train_metrics, train_failures = train_epoch(
+            self.ddp_model, self.model, train_batches, self.optimizer, self.cfg, self.device
         )
-        scheduler.step()
-        metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]}
+        self.scheduler.step()
         rng_states = _gather_all(_rng_state())
         train_failures = _gather_to_rank0(train_failures)
         # The fraction is all-reduced, so every worker takes the same decision: past
         # max_bad_fraction the epoch is checkpointed with its failed clips and the run stops
         # before evaluation (metrics of a model trained on too few clips would mislead).
-        stop = metrics[TRAIN_BAD_FRACTION] > cfg.data.max_bad_fraction
+        stop = train_metrics[TRAIN_BAD_FRACTION] > self.cfg.data.max_bad_fraction
         evaluated = None
         if not stop:
             # Every worker scores its own shard of the test clips; rank 0 gets them all.
             evaluated = evaluate_shard(
-                core, device, per_worker_batch, readers["val"], class_names,
-                loop_config["test_videos"], loop_config.get("targets"),
+                self.model, self.device, self.batch_size, readers["val"],
+                self.setup.class_names, self.setup.test_videos, self.setup.targets,
             )
             stop = evaluated.clips_scored == 0  # the driver names the first error
-        with tempfile.TemporaryDirectory() as tmp:
-            report_checkpoint = None
-            if rank == 0:
-                test_failures: list[BadClip] = []
-                if evaluated is not None:
-                    metrics |= evaluated.metrics
-                    test_failures = evaluated.failures
-                if "val_video_top1_vote" in metrics:
-                    best = max(best, metrics["val_video_top1_vote"])
-                    metrics["best_val_video_top1_vote"] = best
-                history = [*history, metrics]
-                TrainState(
-                    model=core.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    epoch=epoch + 1,
-                    rng=rng_states,
-                    best_metric=best,
-                    history=history,
-                    model_config=model_cfg.model_dump(mode="json"),
-                    class_names=class_names,
-                ).save(Path(tmp))
-                if evaluated is not None and evaluated.report is not None:
-                    evaluated.report.write(Path(tmp) / EVAL_DIR)
-                write_bad_clips(Path(tmp), {"train": train_failures, "test": test_failures})
-                report_checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=report_checkpoint)
-        if stop:
-            break
-    if monitor is not None:
-        monitor.finish()
+        # Rank 0 holds the evaluation's metrics; the other ranks report training's alone.
+        metrics, self.best = epoch_metrics(
+            epoch, self.scheduler.get_last_lr()[0], train_metrics,
+            evaluated.metrics if evaluated is not None else None, self.best,
+        )
+        if self.rank != 0:
+            self.checkpointer.save(metrics)
+            return stop
+        self.history = [*self.history, metrics]
+        state = TrainState(
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            epoch=epoch,
+            rng=rng_states,
+            best_metric=self.best,
+            history=self.history,
+            model_config=self.setup.model_config.model_dump(mode="json"),
+            class_names=self.setup.class_names,
+        )
+        test_failures = evaluated.failures if evaluated is not None else []
+        report = evaluated.report if evaluated is not None else None
+        self.checkpointer.save(
+            metrics, state, report, {"train": train_failures, "test": test_failures}
+        )
+        return stop
 
 
 def train_epoch(
-    net: nn.Module,
-    core: JointAttentionNet,
+    ddp_model: nn.Module,
+    model: JointAttentionNet,
     batches: Iterable[dict[str, np.ndarray]],
     optimizer: torch.optim.Optimizer,
     cfg: JlstmConfig,
@@ -144,7 +193,7 @@ def train_epoch(
 ) -> tuple[dict[str, float], list[BadClip]]:
     """One pass over this worker's batches: loss terms, accuracy, throughput and bad-clip
     counts of all workers, and this worker's failed clips."""
-    net.train()
+    ddp_model.train()
     sums = dict.fromkeys(LOSS_TERMS, 0.0)
     steps = clips = correct = 0
     failures: list[BadClip] = []
@@ -157,21 +206,21 @@ def train_epoch(
         weight = 1.0 if batch.ok.any() else 0.0
         if weight:
             batch = batch.select(batch.ok)
-        out, losses = train_step(net, core, batch, optimizer, cfg.train.grad_clip, weight)
+        out, losses = train_step(ddp_model, model, batch, optimizer, cfg.train.grad_clip, weight)
         for term in LOSS_TERMS:
             sums[term] += float(losses[term].detach())
         steps += 1
         if weight:
-            scores = clip_scores(out.step_logits.detach().float(), core.cfg.last_steps, "prob")
+            scores = clip_scores(out.step_logits.detach().float(), model.cfg.last_steps, "prob")
             correct += int((scores.argmax(1) == batch.labels).sum())
             clips += len(batch.labels)
     elapsed = time.perf_counter() - started
-    local = {f"loss_{t}": sums[t] / max(steps, 1) for t in LOSS_TERMS}
-    local["train_clip_top1"] = correct / max(clips, 1)
+    local = {loss_metric(t): sums[t] / max(steps, 1) for t in LOSS_TERMS}
+    local[TRAIN_CLIP_TOP1] = correct / max(clips, 1)
     metrics = _all_reduce(local, device, mean=True)
     counts = _all_reduce({"ok": clips, "bad": len(failures)}, device, mean=False)
-    metrics["train_clips_per_s"] = counts["ok"] / max(elapsed, 1e-9)
-    metrics["train_bad_clips"] = counts["bad"]
+    metrics[TRAIN_CLIPS_PER_S] = counts["ok"] / max(elapsed, 1e-9)
+    metrics[TRAIN_BAD_CLIPS] = counts["bad"]
     metrics[TRAIN_BAD_FRACTION] = counts["bad"] / max(counts["ok"] + counts["bad"], 1)
     return metrics, failures
 
@@ -189,7 +238,7 @@ class ShardEvaluation:
 
 
 def evaluate_shard(
-    core: JointAttentionNet,
+    model: JointAttentionNet,
     device: torch.device,
     batch_size: int,
     read: ClipReader | None,
@@ -209,7 +258,7 @@ def evaluate_shard(
     """
     started = time.perf_counter()
     batches = iter_clip_batches(ray.train.get_dataset_shard("val"), batch_size, read)
-    local, local_failures, local_on_target = predict_clips(core, batches, device, targets)
+    local, local_failures, local_on_target = predict_clips(model, batches, device, targets)
     scored = int(_all_reduce({"clips": len(local.video_id)}, device, mean=False)["clips"])
     preds = _gather_to_rank0([local])
     failures = _gather_to_rank0(local_failures)
@@ -217,22 +266,22 @@ def evaluate_shard(
     if preds is None or failures is None or on_target is None:
         return ShardEvaluation(scored)
     counts = {
-        "val_bad_clips": float(len(failures)),
-        "val_worker_clips_min": float(min(len(p.video_id) for p in preds)),
+        VAL_BAD_CLIPS: float(len(failures)),
+        VAL_WORKER_CLIPS_MIN: float(min(len(p.video_id) for p in preds)),
     }
     if scored == 0:
-        unscored = {"val_videos_scored": 0.0, "val_videos_unscored": float(test_videos)}
+        unscored = {VAL_VIDEOS_SCORED: 0.0, VAL_VIDEOS_UNSCORED: float(test_videos)}
         return ShardEvaluation(0, counts | unscored, None, failures)
     merged = ClipPredictions.concat(preds).sorted()
     report = evaluate(merged, class_names)
-    out = {f"val_{k}": float(v) for k, v in report.metrics.items()} | counts
+    out = {eval_metric(k): float(v) for k, v in report.metrics.items()} | counts
     if on_target:  # [clips, branches]: the mean over test clips (and steps) per branch
         per_branch = np.concatenate(on_target).mean(axis=0)
-        out |= {f"val_attention_on_target_{tap}": float(v)
-                for tap, v in zip(core.cfg.taps, per_branch, strict=True)}
-        out["val_attention_on_target"] = float(per_branch.mean())
+        out |= {f"{ATTENTION_ON_TARGET}_{tap}": float(v)
+                for tap, v in zip(model.cfg.taps, per_branch, strict=True)}
+        out[ATTENTION_ON_TARGET] = float(per_branch.mean())
     videos = len(np.unique(merged.video_id))
-    out |= {"val_videos_scored": float(videos), "val_videos_unscored": float(test_videos - videos)}
+    out |= {VAL_VIDEOS_SCORED: float(videos), VAL_VIDEOS_UNSCORED: float(test_videos - videos)}
     # Until the slowest worker's shard is scored and gathered: the evaluation's wall time.
     out[VAL_SECONDS] = time.perf_counter() - started
     return ShardEvaluation(scored, out, report, failures)
@@ -276,38 +325,37 @@ def predict_clips(
     return ClipPredictions.concat(parts), failures, on_target
 
 
-def write_bad_clips(directory: Path, failures: dict[str, list[BadClip]]) -> None:
-    """`BAD_CLIPS_FILE` in `directory` when any clip failed: one row per failed clip."""
-    rows = [{"subset": subset, **asdict(f)} for subset, fs in failures.items() for f in fs]
-    if rows:
-        pacsv.write_csv(pa.Table.from_pylist(rows), directory / BAD_CLIPS_FILE)
+@dataclass(frozen=True)
+class EvalSetup:
+    """What each worker of `jlstm eval` is given (`train_loop_config={SETUP_KEY: setup}`)."""
+
+    model_config: ModelConfig
+    class_names: list[str]
+    state_ref: Any  # ray.ObjectRef of the state dict: workers on other nodes fetch it
+    batch_size: int  # per worker
+    read: ClipReader | None  # the test clips' reader (cached taps), or None
+    test_videos: int
 
 
-def eval_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point of `jlstm eval`: score this worker's shard of the test clips.
-
-    `loop_config` holds the model config, the class names, the number of test videos, the
-    test clips' reader and an object ref to the model's state dict (so workers on other
-    nodes get it from the object store). Rank 0 gathers every shard and reports the
-    metrics with the report files (and the failed clips) as a checkpoint.
-    """
-    model_cfg = ModelConfig.model_validate(loop_config["model_config"])
+def eval_loop_per_worker(loop_config: dict[str, EvalSetup]) -> None:
+    """Ray Train entry point of `jlstm eval`: score this worker's shard of the test clips;
+    rank 0 gathers every shard and reports the metrics with the report files (and the
+    failed clips) as a checkpoint."""
+    setup = loop_config[SETUP_KEY]
     device = ray.train.torch.get_device()
-    core = JointAttentionNet(model_cfg)
-    core.load_state_dict(ray.get(loop_config["state_ref"]))
-    core.to(device)
+    model = JointAttentionNet(setup.model_config)
+    model.load_state_dict(ray.get(setup.state_ref))
+    model.to(device)
     evaluated = evaluate_shard(
-        core, device, loop_config["batch_size"], loop_config["read"],
-        loop_config["class_names"], loop_config["test_videos"],
+        model, device, setup.batch_size, setup.read, setup.class_names, setup.test_videos
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        if ray.train.get_context().get_world_rank() != 0:
-            ray.train.report({}, checkpoint=None)
-            return
-        if evaluated.report is not None:
-            evaluated.report.write(Path(tmp) / EVAL_DIR)
-        write_bad_clips(Path(tmp), {"test": evaluated.failures})
-        ray.train.report(evaluated.metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    checkpointer = Checkpointer()
+    if ray.train.get_context().get_world_rank() != 0:
+        checkpointer.save({})
+    else:
+        checkpointer.save(
+            evaluated.metrics, report=evaluated.report, failures={"test": evaluated.failures}
+        )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -349,20 +397,18 @@ def _gather_to_rank0(items: list[Any]) -> list[Any] | None:
     return [item for part in gathered for item in part] if gathered is not None else None
 
 
-def _node_system_metrics(settings: dict[str, Any] | None, ctx: Any) -> Any:
+def _node_system_metrics(settings: SystemMetrics | None, ctx: Any) -> Any:
     """One MLflow system-metrics monitor per training node (its local rank 0), or None.
 
     A worker reaches a local SQLite store only on the driver's node, so with one the other
     nodes log none; with a tracking server every node does (`system/node<rank>/...`).
     """
-    if not settings or ctx.get_local_rank() != 0:
+    if settings is None or ctx.get_local_rank() != 0:
         return None
-    on_driver_node = ray.get_runtime_context().get_node_id() == settings["driver_node_id"]
-    if settings["tracking_uri"].startswith("sqlite") and not on_driver_node:
+    on_driver_node = ray.get_runtime_context().get_node_id() == settings.driver_node_id
+    if settings.tracking_uri.startswith("sqlite") and not on_driver_node:
         return None
-    from orchestration.tracking import start_system_metrics
-
     return start_system_metrics(
-        settings["run_id"], settings["tracking_uri"], f"node{ctx.get_node_rank()}",
-        settings["interval_s"],
+        settings.run_id, settings.tracking_uri, f"node{ctx.get_node_rank()}",
+        settings.interval_s,
     )

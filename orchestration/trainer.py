@@ -14,8 +14,6 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import ray
 import ray.train
 from mlflow.tracking import MlflowClient
@@ -24,29 +22,35 @@ from ray.train.torch import TorchTrainer
 from data_shards.cluster import init_ray
 from data_shards.config import DataConfig
 from data_shards.datasets import ClipReader, build_datasets, clip_readers
-from data_shards.features import check_cache
+from data_shards.errors import BadDataError
 from data_shards.index import ensure_index
-from data_shards.manifest import (
-    BadDataError,
-    check_bad_fraction,
-    dataset_digest,
-    load_manifest,
-    subset_videos,
-)
-from data_shards.splits import class_names
+from data_shards.run_data import RunData, load_run_data
 from data_shards.targets import TargetCells, target_reader
 from model import JointAttentionNet, ModelConfig
 from orchestration import tracking
 from orchestration.attention_examples import attention_examples
-from orchestration.checkpoint import TrainState
-from orchestration.config import ConfigError, JlstmConfig
+from orchestration.checkpoint import EVAL_DIR, Checkpointer, TrainState, bad_clips
+from orchestration.config import JlstmConfig
+from orchestration.errors import ConfigError
+from orchestration.metrics import (
+    EVAL_PREFIX,
+    PLOTTED_ACCURACIES,
+    PLOTTED_LOSSES,
+    SUMMARY,
+    TRAIN_BAD_CLIPS,
+    TRAIN_BAD_FRACTION,
+    VAL_BAD_CLIPS,
+    VAL_VIDEOS_SCORED,
+    VIDEO_TOP1_PROB,
+    VIDEO_TOP1_VOTE,
+)
 from orchestration.plots import plot_loss_curves
 from orchestration.resources import ResourcePlan
 from orchestration.session import plan_run, run_lock, run_storage
 from orchestration.train_loop import (
-    BAD_CLIPS_FILE,
-    EVAL_DIR,
-    TRAIN_BAD_FRACTION,
+    SETUP_KEY,
+    SystemMetrics,
+    WorkerSetup,
     train_loop_per_worker,
 )
 
@@ -66,44 +70,52 @@ class SplitResult:
 
 @dataclass
 class PreparedData:
-    """What a run needs before its trainer starts: manifest, classes, model, datasets."""
+    """What a run needs before its trainer starts: its data (read once), model, datasets."""
 
-    manifest: Path
-    class_names: list[str]
+    run: RunData
     model_cfg: ModelConfig
     datasets: dict[str, ray.data.Dataset]
     readers: dict[str, ClipReader | None]  # what each dataset's consumer applies per batch
-    test_videos: int
     targets: TargetCells | None = None  # the moving shape's locations on synthetic data
 
+    @property
+    def class_names(self) -> list[str]:
+        return self.run.class_names
 
-def prepare_data(cfg: JlstmConfig) -> PreparedData:
-    """Index the videos when needed and build the Ray datasets of `cfg.data`."""
-    manifest = ensure_index(cfg.data)
-    names = class_names(manifest)
-    model_cfg = cfg.resolve_model(num_classes=len(names))
-    datasets = build_datasets(cfg.data, model_cfg, eval_workers=cfg.cluster.num_workers)
-    table = load_manifest(cfg.data)
+    @property
+    def test_videos(self) -> int:
+        return self.run.test_videos
+
+
+def load_data(cfg: JlstmConfig, *, check_cache: bool = True) -> RunData:
+    """`cfg`'s data read once (indexed first when there is no manifest yet); the feature
+    cache's key checked against the configs unless `check_cache` is off."""
+    ensure_index(cfg.data)
+    return load_run_data(cfg.data, cfg.resolve_model if check_cache else None)
+
+
+def prepare_data(cfg: JlstmConfig, run: RunData | None = None) -> PreparedData:
+    """Build the Ray datasets of `cfg.data` from its data `run` (read here when None)."""
+    run = run or load_data(cfg)
+    model_cfg = cfg.resolve_model(num_classes=len(run.class_names))
+    datasets = build_datasets(
+        cfg.data, model_cfg, eval_workers=cfg.cluster.num_workers, run_data=run
+    )
     targets = target_reader(  # evaluation measures the test videos only
-        cfg.data.root, table.filter(pc.equal(table["subset"], "test")), model_cfg.map_size,
-        model_cfg.clip_len, cfg.data.frame_interval,
+        cfg.data.root, run.subset("test"), model_cfg.map_size, model_cfg.clip_len,
+        cfg.data.frame_interval,
     )
-    readers = clip_readers(cfg.data, model_cfg)
-    return PreparedData(
-        manifest, names, model_cfg, datasets, readers, subset_videos(table, "test"), targets
-    )
+    readers = clip_readers(cfg.data, model_cfg, run.cache_key)
+    return PreparedData(run, model_cfg, datasets, readers, targets)
 
 
 def finishing_data(cfg: JlstmConfig) -> tuple[PreparedData, str]:
     """What `finish_run` needs for a run whose training ended earlier (a sweep's best
-    trial, a run found finished): manifest, classes and model (no dataset is built, none
-    is read), and the dataset digest."""
-    manifest = ensure_index(cfg.data)
-    names = class_names(manifest)
-    data = PreparedData(
-        manifest, names, cfg.resolve_model(len(names)), datasets={}, readers={}, test_videos=0
-    )
-    return data, dataset_digest(load_manifest(cfg.data))
+    trial, a run found finished): the data, classes and model (no dataset is built), and
+    the dataset digest."""
+    run = load_data(cfg, check_cache=False)
+    data = PreparedData(run, cfg.resolve_model(len(run.class_names)), datasets={}, readers={})
+    return data, run.digest
 
 
 class SplitEvalDataConfig(ray.train.DataConfig):
@@ -147,23 +159,17 @@ def build_trainer(
     """
     system_metrics = None
     if mlflow_run_id and cfg.tracking.system_metrics_interval_s:
-        system_metrics = {
-            "run_id": mlflow_run_id,
-            "tracking_uri": mlflow.get_tracking_uri(),
-            "driver_node_id": ray.get_runtime_context().get_node_id(),
-            "interval_s": cfg.tracking.system_metrics_interval_s,
-        }
+        system_metrics = SystemMetrics(
+            mlflow_run_id, mlflow.get_tracking_uri(), ray.get_runtime_context().get_node_id(),
+            cfg.tracking.system_metrics_interval_s,
+        )
+    setup = WorkerSetup(
+        cfg, data.model_cfg, data.class_names, data.test_videos, data.readers, data.targets,
+        system_metrics,
+    )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "model_config": data.model_cfg.model_dump(mode="json"),
-            "class_names": data.class_names,
-            "test_videos": data.test_videos,
-            "readers": data.readers,
-            "targets": data.targets,
-            "system_metrics": system_metrics,
-        },
+        train_loop_config={SETUP_KEY: setup},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=cfg.cluster.use_gpu,
@@ -173,9 +179,7 @@ def build_trainer(
             name=cfg.resolved_run_name(),
             storage_path=run_storage(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.cluster.checkpoints_to_keep
-            ),
+            checkpoint_config=Checkpointer(cfg.cluster.checkpoints_to_keep).ray_config(),
             callbacks=callbacks,
         ),
         datasets=data.datasets,
@@ -190,34 +194,32 @@ def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResu
     this name logged the same config). The run name is then locked on the cluster
     (one writer), and a run that fails ends FAILED in MLflow.
     """
-    preflight(cfg)
+    checked = preflight(cfg)
     uri = tracking.connect()
     experiment_id = tracking.get_or_create_experiment(cfg.tracking.experiment)
     existing = tracking.find_run(cfg, experiment_id)
     if existing is not None:
         tracking.check_same_config(cfg, existing)
     init_ray()
-    with run_lock(cfg.resolved_run_name()):
-        run_id = tracking.start_run(cfg, experiment_id, parent_run_id)
-        try:
-            plan = plan_run(cfg)
-            data = prepare_data(cfg)
-            digest = tracking.log_run_inputs(cfg, run_id, data.model_cfg)
-            callbacks = [tracking.MlflowEpochLogger(uri, run_id)]
-            result = build_trainer(cfg, data, plan, callbacks, run_id).fit()
-            if result.checkpoint is None:
-                raise RuntimeError(f"run {cfg.resolved_run_name()!r} ended without a checkpoint")
-            check_bad_clips(cfg, run_id, result)
-            return finish_run(cfg, run_id, result.checkpoint, data, digest)
-        except BaseException:
-            tracking.end_run(run_id, "FAILED")
-            raise
+    with run_lock(cfg.resolved_run_name()), tracking.tracked_run(
+        cfg, experiment_id, parent_run_id
+    ) as run:
+        plan = plan_run(cfg)
+        data = prepare_data(cfg, checked)
+        digest = tracking.log_run_inputs(cfg, run.run_id, data.model_cfg, data.run)
+        callbacks = [tracking.MlflowEpochLogger(uri, run.run_id)]
+        result = build_trainer(cfg, data, plan, callbacks, run.run_id).fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"run {cfg.resolved_run_name()!r} ended without a checkpoint")
+        check_bad_clips(cfg, run.run_id, result)
+        return finish_run(cfg, run.run_id, result.checkpoint, data, digest)
 
 
-def preflight(cfg: JlstmConfig) -> None:
+def preflight(cfg: JlstmConfig) -> RunData | None:
     """The data errors that can be known before Ray and MLflow start: no dataset folder
     (ConfigError), too many quarantined videos (BadDataError), a stale or missing feature
-    cache (StaleCacheError)."""
+    cache (StaleCacheError). Returns the data it read, for the run to reuse (None when the
+    split is not indexed yet: the run indexes it)."""
     manifest = cfg.data.manifest_path()
     if not manifest.is_file():
         if not Path(cfg.data.root).is_dir():
@@ -225,11 +227,8 @@ def preflight(cfg: JlstmConfig) -> None:
                 f"data.root = {cfg.data.root!r} is not a folder and there is no manifest at "
                 f"{manifest}: set data.root to the dataset's folder"
             )
-        return  # indexed when the run starts
-    table = load_manifest(cfg.data)
-    check_bad_fraction(cfg.data, table)
-    if cfg.data.use_feature_cache:
-        check_cache(cfg.data, cfg.resolve_model(len(class_names(manifest))), table)
+        return None  # indexed when the run starts
+    return load_run_data(cfg.data, cfg.resolve_model)
 
 
 def check_bad_clips(cfg: JlstmConfig, run_id: str, result: ray.train.Result) -> None:
@@ -242,7 +241,7 @@ def check_bad_clips(cfg: JlstmConfig, run_id: str, result: ray.train.Result) -> 
     if fraction > cfg.data.max_bad_fraction:
         first = first_bad_clip(result.checkpoint, "train")
         raise BadDataError(
-            f"epoch {epoch}: {int(result.metrics['train_bad_clips'])} training clips "
+            f"epoch {epoch}: {int(result.metrics[TRAIN_BAD_CLIPS])} training clips "
             f"({fraction:.1%}) failed, more than data.max_bad_fraction = "
             f"{cfg.data.max_bad_fraction}; first: {_describe(first)}. Every failure: "
             f"{artifact}. Fix or remove those videos, re-index (jlstm data index) and re-run"
@@ -252,7 +251,7 @@ def check_bad_clips(cfg: JlstmConfig, run_id: str, result: ray.train.Result) -> 
 
 def check_test_clips_scored(result: ray.train.Result, what: str, artifact: str) -> None:
     """BadDataError when the evaluation in `result` could score no test clip at all."""
-    if result.metrics.get("val_videos_scored", 1) > 0:
+    if result.metrics.get(VAL_VIDEOS_SCORED, 1) > 0:
         return
     first = first_bad_clip(result.checkpoint, "test")
     if first is None:
@@ -261,7 +260,7 @@ def check_test_clips_scored(result: ray.train.Result, what: str, artifact: str) 
             "(jlstm data index)"
         )
     raise BadDataError(
-        f"{what}: none of the test clips could be scored ({int(result.metrics['val_bad_clips'])}"
+        f"{what}: none of the test clips could be scored ({int(result.metrics[VAL_BAD_CLIPS])}"
         f" failed); first: {_describe(first)}. Every failure: {artifact}. Fix or remove those"
         " videos (or rebuild the feature cache: jlstm data features) and re-run"
     )
@@ -269,12 +268,7 @@ def check_test_clips_scored(result: ray.train.Result, what: str, artifact: str) 
 
 def first_bad_clip(checkpoint: ray.train.Checkpoint | None, subset: str) -> dict | None:
     """The first failed clip of `subset` ("train", "test") listed beside a checkpoint."""
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as ckpt_dir:
-        path = Path(ckpt_dir) / BAD_CLIPS_FILE
-        failures = pacsv.read_csv(path).to_pylist() if path.is_file() else []
-    return next((f for f in failures if f["subset"] == subset), None)
+    return next((f for f in bad_clips(checkpoint) if f["subset"] == subset), None)
 
 
 def _describe(clip: dict | None) -> str:
@@ -305,8 +299,10 @@ def finish_run(
     net = JointAttentionNet(ModelConfig.model_validate(state.model_config))
     net.load_state_dict(state.model)
     with tempfile.TemporaryDirectory() as tmp:
-        plots = [plot_loss_curves(history, Path(tmp) / "loss_curves.png")]
-        plots += attention_examples(net, cfg, data.manifest, data.class_names, Path(tmp))
+        plots = [plot_loss_curves(
+            history, PLOTTED_LOSSES, PLOTTED_ACCURACIES, Path(tmp) / "loss_curves.png"
+        )]
+        plots += attention_examples(net, cfg, data.run.subset("test"), data.class_names, Path(tmp))
         for path in plots:
             client.log_artifact(run_id, str(path), "plots")
 
@@ -325,8 +321,8 @@ def finish_run(
             version = str(info.registered_model_version)
             promoted = tracking.promote_if_better(
                 registered, version, split=cfg.data.split,
-                video_top1=final["val_video_top1_vote"],
-                test_videos=int(final["val_videos_scored"]),
+                video_top1=final[VIDEO_TOP1_VOTE],
+                test_videos=int(final[VAL_VIDEOS_SCORED]),
                 dataset_digest=dataset_digest,
             )
             describe_version(client, registered, version, cfg, final, dataset_digest)
@@ -349,9 +345,9 @@ def describe_version(
     ))
     client.update_model_version(name, version, description=(
         f"variant {cfg.variant}, dataset {cfg.data.dataset} split {cfg.data.split} "
-        f"(dataset digest {digest}); test video top-1 {final['val_video_top1_vote']:.1%} by "
-        f"vote, {final.get('val_video_top1_prob', float('nan')):.1%} by prob, over "
-        f"{int(final['val_videos_scored'])} test videos; run {cfg.resolved_run_name()}. "
+        f"(dataset digest {digest}); test video top-1 {final[VIDEO_TOP1_VOTE]:.1%} by "
+        f"vote, {final.get(VIDEO_TOP1_PROB, float('nan')):.1%} by prob, over "
+        f"{int(final[VAL_VIDEOS_SCORED])} test videos; run {cfg.resolved_run_name()}. "
         f"Predict: `{predict}`"
     ))
 
@@ -366,28 +362,36 @@ def train_splits(cfg: JlstmConfig, splits: list[int]) -> list[SplitResult]:
     experiment_id = tracking.get_or_create_experiment(cfg.tracking.experiment)
     default = f"{cfg.data.dataset}-splits{'+'.join(map(str, splits))}-{cfg.variant}"
     parent_cfg = cfg.model_copy(update={"run_name": cfg.run_name or default})
-    parent_id = tracking.start_run(parent_cfg, experiment_id, None)
-    try:
+    with tracking.tracked_run(parent_cfg, experiment_id) as parent:
         results = [
             train_split(
                 cfg.model_copy(update={
                     "data": _with_split(cfg, split),
                     "run_name": f"{cfg.run_name}-split{split}" if cfg.run_name else None,
                 }),
-                parent_run_id=parent_id,
+                parent_run_id=parent.run_id,
             )
             for split in splits
         ]
-    except BaseException:
-        tracking.end_run(parent_id, "FAILED")
-        raise
-    client = MlflowClient()
-    for key in results[0].metrics:
-        if key.startswith("val_"):
-            average = float(np.mean([r.metrics[key] for r in results]))
-            client.log_metric(parent_id, f"avg_{key}", average)
-    tracking.end_run(parent_id, "FINISHED")
+        client = MlflowClient()
+        for key in results[0].metrics:
+            if key.startswith(EVAL_PREFIX):
+                average = float(np.mean([r.metrics[key] for r in results]))
+                client.log_metric(parent.run_id, f"avg_{key}", average)
     return results
+
+
+def print_results(results: list[SplitResult]) -> None:
+    """A table of each split's test metrics, and where to look in MLflow."""
+    print(f"{'run':34s}" + "".join(f"{m.removeprefix(EVAL_PREFIX):>22s}" for m in SUMMARY))
+    for r in results:
+        row = "".join(f"{r.metrics.get(m, float('nan')):22.3f}" for m in SUMMARY)
+        print(f"{r.run_id:34s}{row}")
+        status = "now champion" if r.promoted else "champion unchanged"
+        print(f"  model version {r.model_version} ({status}); checkpoint {r.checkpoint_dir}")
+    uri = tracking.tracking_uri()
+    hint = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
+    print(f"browse the runs: {hint}")
 
 
 def _with_split(cfg: JlstmConfig, split: int) -> DataConfig:

@@ -11,6 +11,7 @@ Train runs its workers in folders of their own; relative paths once failed every
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -158,9 +159,20 @@ def _cached_run(folder: Path, run_name: str, cache: str) -> Path:
 def test_a_run_from_relative_paths_reads_every_cached_clip(
     ray_cluster: None, sqlite_tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Also: the run reads its manifest and quarantine tables once each (`RunData`)."""
     monkeypatch.chdir(tmp_path)
     config = _cached_run(tmp_path, "relative", "features")
+    reads: list[str] = []
+    read_table = pq.read_table
+
+    def counted(source: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(Path(source).name)
+        return read_table(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", counted)
     assert cli.main(["train", "--config", config.name]) == 0
+    assert reads.count("manifest_split1.parquet") == 1, reads
+    assert reads.count("manifest_split1.quarantine.parquet") == 1, reads
 
     (run,) = MlflowClient().search_runs([tracking.get_or_create_experiment("test-train")])
     metrics = run.data.metrics

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from jlstm.cli import main
-from orchestration.config import ConfigError, load_config, validate_config
+from orchestration.config import load_config, validate_config
+from orchestration.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -12,7 +12,8 @@ import torch
 from data_shards.config import DataConfig
 from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches
 from data_shards.decode import decode_clip
-from data_shards.features import StaleCacheError, build_feature_cache
+from data_shards.errors import StaleCacheError
+from data_shards.features import build_feature_cache
 from data_shards.index import index_videos
 from data_shards.manifest import load_manifest
 from data_shards.synth import synthesize_dataset

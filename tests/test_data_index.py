@@ -10,8 +10,8 @@ import pytest
 
 from data_shards.config import DataConfig
 from data_shards.datasets import build_datasets
+from data_shards.errors import BadDataError
 from data_shards.index import index_videos
-from data_shards.manifest import BadDataError
 from data_shards.splits import class_names
 from data_shards.synth import write_broken_videos, write_index_video
 

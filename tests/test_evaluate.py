@@ -10,7 +10,7 @@ import pyarrow.csv as pacsv
 import pytest
 import torch
 
-from orchestration import plots
+from orchestration import metrics, plots
 from orchestration.evaluate import ClipPredictions, attention_on_target, evaluate, top_k_correct
 
 CLASS_NAMES = ["a", "b", "c", "d"]  # "d" has no test videos at all
@@ -151,10 +151,30 @@ def test_loss_curves_png(tmp_path) -> None:
         for e in range(1, 5)
     ]
     del history[1]["val_video_top1_vote"]  # metrics missing in some epochs are skipped
-    path = plots.plot_loss_curves(history, tmp_path / "loss_curves.png")
+    path = plots.plot_loss_curves(
+        history, metrics.PLOTTED_LOSSES, metrics.PLOTTED_ACCURACIES, tmp_path / "loss_curves.png"
+    )
     image = mpimg.imread(path)
     width, height = plots.LOSS_FIGSIZE
     assert image.shape[:2] == (round(height * plots.DPI), round(width * plots.DPI))
+
+
+def test_loss_curves_show_the_accuracies_a_user_reads() -> None:
+    """Of a real epoch's 14 accuracy-like figures, the 4 of `PLOTTED_ACCURACIES`, each in
+    a colour of its own (once 14 series under a legend that covered them)."""
+    figures = [f"val_{scope}_{kind}_{mode}" for scope in ("clip", "video")
+               for kind in ("top1", "top5", "mean_class") for mode in ("vote", "prob")]
+    history = [
+        {"epoch": e, "loss_total": 1.0 / e, "train_clip_top1": 0.1 * e, "lr": 0.01,
+         **{name: 0.05 * e for name in figures}, "val_attention_on_target": 1.5}
+        for e in range(1, 4)
+    ]
+    fig = plots.loss_curves_figure(history, metrics.PLOTTED_LOSSES, metrics.PLOTTED_ACCURACIES)
+    loss_ax, acc_ax = fig.axes
+    assert [line.get_label() for line in acc_ax.get_lines()] == list(metrics.PLOTTED_ACCURACIES)
+    assert [line.get_label() for line in loss_ax.get_lines()] == ["loss_total"]
+    colours = [line.get_color() for line in acc_ax.get_lines()]
+    assert len(set(colours)) == len(colours)
 
 
 def test_attention_overlay_grid_has_one_row_per_input(tmp_path) -> None:

@@ -30,12 +30,13 @@ from ray.util.placement_group import (
 from ray_processes import stop_ray_processes
 from tiny_run import EPOCHS, tiny_config
 
-from data_shards.manifest import BadDataError
+from data_shards.errors import BadDataError
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig
 from orchestration import tracking
 from orchestration.checkpoint import TrainState
-from orchestration.config import ClusterConfig, ConfigError, JlstmConfig, validate_config
+from orchestration.config import ClusterConfig, JlstmConfig, validate_config
+from orchestration.errors import ConfigError
 from orchestration.inference import evaluate_distributed, evaluate_model
 from orchestration.resources import NodeShape, live_nodes, plan_live, plan_resources
 from orchestration.session import check_nodes_see_run

@@ -10,7 +10,8 @@ import yaml
 
 from jlstm.cli import main
 from model.config import VARIANTS
-from orchestration.config import ConfigError, load_config
+from orchestration.config import load_config
+from orchestration.errors import ConfigError
 from tune_spaces.paper import METRIC, TABLES, RunKey, table_runs
 from tune_spaces.paper_report import NOT_RUN, REFERENCE, RunFigure, report_rows, to_markdown
 from tune_spaces.reproduce import PAPER_CONFIGS, check_overrides, run_config, select_runs

@@ -17,7 +17,8 @@ from data_shards.clips import clip_starts, needed_frames
 from data_shards.config import DataConfig
 from data_shards.sizing import data_size
 from jlstm.cli import main
-from orchestration.config import ClusterConfig, ConfigError, load_config
+from orchestration.config import ClusterConfig, load_config
+from orchestration.errors import ConfigError
 from orchestration.resources import (
     GPU_WORKER_CPUS,
     NodeShape,

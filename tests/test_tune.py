@@ -18,11 +18,13 @@ from typing import Any
 import pytest
 import yaml
 
-from data_shards.features import StaleCacheError, build_feature_cache, check_cache
+from data_shards.errors import StaleCacheError
+from data_shards.features import build_feature_cache, check_cache
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
 from jlstm.cli import main
-from orchestration.config import ConfigError, load_config
+from orchestration.config import load_config
+from orchestration.errors import ConfigError
 from orchestration.resources import NodeShape, ResourcePlan, plan_resources
 from tune_spaces.spaces import PAPER_POINT, load_sweep
 from tune_spaces.sweep import run_sweep

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestration.metrics import VIDEO_TOP1_VOTE
+
 DATASETS = ("ucf101", "hmdb51")
 ALL_SPLITS = (1, 2, 3)
 # The paper's rule: the video's label is the vote of its clips (MODEL_SPEC "prediction"),
 # scored on the run's last epoch.
-METRIC = "val_video_top1_vote"
+METRIC = VIDEO_TOP1_VOTE
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """`jlstm report`: the paper's tables with our figures beside them, from MLflow only.
 
-Our figure for a row is `val_video_top1_vote` (the paper's rule: the clips' vote) of the
+Our figure for a row is `metrics.VIDEO_TOP1_VOTE` (the paper's rule: the clips' vote) of the
 last epoch of each finished run behind it, the mean over the splits run, with its spread
 (the sample standard deviation over those splits) and the number of splits behind it. A
 row whose runs have not finished says "not run"; the comparison systems of Table 1 are the

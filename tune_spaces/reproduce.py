@@ -37,7 +37,6 @@ from data_shards.targets import TARGETS_FILE
 from model.config import VARIANTS
 from orchestration import tracking
 from orchestration.config import (
-    ConfigError,
     JlstmConfig,
     absolute_path,
     apply_overrides,
@@ -47,6 +46,7 @@ from orchestration.config import (
     set_dotted,
     validate_config,
 )
+from orchestration.errors import ConfigError
 from tune_spaces.paper import DATASETS, TABLES, RunKey, table_runs
 from tune_spaces.paper_report import (
     KIND_TAG,
@@ -284,15 +284,13 @@ def reproduce(
     todo = {name: cfg for name, cfg in cfgs.items() if name not in skipped}
     parent = _parent_run(client, experiment_id)
     result = ReproduceResult(experiment, parent, sorted(todo), skipped)
-    try:
+    with tracking.tracked_run(run_id=parent) as parent_run:
         if todo:
             result.failed, result.concurrent_runs = _schedule(
                 todo, synthetic, uri, experiment_id, parent, table
             )
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
-        raise
-    tracking.end_run(parent, "FAILED" if result.failed else "FINISHED")
+        if result.failed:
+            parent_run.fail()
     result.report = build_report(experiment, [table])
     log_report(result.report, [table])
     return result

@@ -43,10 +43,10 @@ def run_reproduce_trial(
     # The tracking URI travels explicitly: trial actors do not see the driver's environment.
     mlflow.set_tracking_uri(tracking_uri)
     cfg = validate_config(runs[name], source=f"run {name}")
-    run_id = tracking.start_run(cfg, experiment_id, parent_run_id)
-    # A run found from an earlier, interrupted call may have been created without a parent.
-    MlflowClient().set_tag(run_id, PARENT_TAG, parent_run_id)
-    try:
+    with tracking.tracked_run(cfg, experiment_id, parent_run_id) as run:
+        run_id = run.run_id
+        # A run found from an earlier, interrupted call may have been created without a parent.
+        MlflowClient().set_tag(run_id, PARENT_TAG, parent_run_id)
         done = finished_checkpoint(cfg)
         if done is not None:
             checkpoint = ray.train.Checkpoint(str(done))
@@ -58,7 +58,3 @@ def run_reproduce_trial(
             check_bad_clips(cfg, run_id, result)
             checkpoint = result.checkpoint
         finish_run(cfg, run_id, checkpoint, data, digest)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
-        raise
-    tracking.end_run(run_id, "FINISHED")

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestration.config import JlstmConfig, validate_config
+from orchestration.metrics import ATTENTION_ON_TARGET, VIDEO_TOP1_VOTE, loss_metric
 from orchestration.trainer import SplitResult, finish_run, finishing_data
 from tune_spaces.report import (
     FUSION_KEY,
@@ -34,8 +35,8 @@ from tune_spaces.trial import CHECKPOINT_PATH_KEY, TRIAL_TAG
 
 STATUS_TAG = "jlstm.tune_status"
 # Drawn epoch by epoch for every trial on the parent run (the paper's Figure 5 is the first).
-CURVE_METRICS = ("loss_lstm", "loss_attention_reg", "val_video_top1_vote",
-                 "val_attention_on_target")
+CURVE_METRICS = (loss_metric("lstm"), loss_metric("attention_reg"), VIDEO_TOP1_VOTE,
+                 ATTENTION_ON_TARGET)
 
 
 @dataclass

@@ -34,7 +34,6 @@ from pydantic import (
 )
 
 from orchestration.config import (
-    ConfigError,
     parse_override,
     read_config_raw,
     read_yaml_mapping,
@@ -42,6 +41,8 @@ from orchestration.config import (
     set_dotted,
     validate_config,
 )
+from orchestration.errors import ConfigError
+from orchestration.metrics import VIDEO_TOP1_VOTE
 
 # The paper's setting (Wu et al. 2016): lambda = 1000, zeta = 1e-5, late fusion, 2 branches.
 PAPER_POINT: dict[str, Any] = {
@@ -169,7 +170,7 @@ class SweepConfig(_Strict):
         8, ge=1, description="trials in all, the paper's point included; each repetition "
         "runs every combination of the grids",
     )
-    metric: str = "val_video_top1_vote"
+    metric: str = VIDEO_TOP1_VOTE
     mode: Literal["max", "min"] = "max"
     asha: AshaConfig | None = AshaConfig()
     searcher: Literal["random", "optuna"] = "random"

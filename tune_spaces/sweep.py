@@ -17,12 +17,14 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from data_shards.cluster import init_ray
-from data_shards.features import StaleCacheError, build_feature_cache, check_cache
+from data_shards.errors import StaleCacheError
+from data_shards.features import build_feature_cache, check_cache
 from data_shards.index import ensure_index
 from data_shards.splits import class_names
 from model.backbone import TAP_LAST_INDEX
 from orchestration import tracking
-from orchestration.config import ConfigError, JlstmConfig, absolute_path, validate_config
+from orchestration.config import JlstmConfig, absolute_path, validate_config
+from orchestration.errors import ConfigError
 from orchestration.resources import ResourcePlan, feature_pool, live_nodes
 from orchestration.session import plan_run
 from tune_spaces.release import ReleaseEndedTrainRuns, registry

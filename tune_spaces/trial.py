@@ -74,7 +74,7 @@ def fit_run(
     """
     plan = plan_run(cfg)
     data = prepare_data(cfg)
-    digest = tracking.log_run_inputs(cfg, run_id, data.model_cfg)
+    digest = tracking.log_run_inputs(cfg, run_id, data.model_cfg, data.run)
     callbacks = [tracking.MlflowEpochLogger(tracking_uri, run_id), *callbacks]
     result = build_trainer(cfg, data, plan, callbacks, run_id).fit()
     return result, data, digest
