@@ -11,7 +11,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from orchestration.tracking import CHAMPION_ALIAS, tracking_uri
+from orchestration.registry import CHAMPION_ALIAS
+from orchestration.tracking import tracking_uri
 
 MIN_VIDEO_TOP1 = 0.90
 MIN_ON_TARGET = 2.0

@@ -42,7 +42,7 @@ from orchestration.config import JlstmConfig, load_config
 from orchestration.evaluate import attention_on_target, evaluate
 from orchestration.metrics import LOSS_TERMS, loss_metric
 from orchestration.step import build_optimizer, to_batch, train_step
-from orchestration.train_loop import predict_clips
+from orchestration.worker import predict_clips
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 LAMBDAS = (0.0, 1.0, 10.0, 100.0, 1000.0)

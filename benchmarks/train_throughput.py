@@ -56,11 +56,11 @@ from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
 from orchestration.checkpoint import EVAL_DIR, TrainState
 from orchestration.config import JlstmConfig, load_config
+from orchestration.driver import build_trainer, prepare_data
 from orchestration.evaluate import evaluate
 from orchestration.session import plan_run
 from orchestration.step import build_optimizer
-from orchestration.train_loop import predict_clips, train_epoch
-from orchestration.trainer import build_trainer, prepare_data
+from orchestration.worker import predict_clips, train_epoch
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"

@@ -34,8 +34,8 @@ from data_shards.manifest import load_manifest
 from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
 from orchestration.config import JlstmConfig, load_config
+from orchestration.driver import build_trainer, prepare_data
 from orchestration.session import plan_run
-from orchestration.trainer import build_trainer, prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"

@@ -37,7 +37,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from orchestration.config import load_config
-    from orchestration.trainer import print_results, train_splits
+    from orchestration.driver import print_results, train_splits
 
     cfg = load_config(args.config, args.overrides)
     if args.new_run:  # a fresh run (and Ray Train folder) beside the one of this name

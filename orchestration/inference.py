@@ -19,22 +19,22 @@ from data_shards.decode import decode_clip, open_reader
 from data_shards.index import ensure_index
 from data_shards.run_data import RunData, load_run_data
 from model import ModelConfig, normalize_frames
-from orchestration import tracking
+from orchestration import registry, tracking
 from orchestration.checkpoint import BAD_CLIPS_FILE, EVAL_DIR
 from orchestration.config import JlstmConfig
+from orchestration.driver import SplitEvalDataConfig, check_test_clips_scored
 from orchestration.metrics import EVAL_PREFIX
 from orchestration.mlflow_model import PREDICT_BATCH, predict_proba
 from orchestration.plots import plot_attention_overlay
 from orchestration.session import plan_run, run_storage
-from orchestration.train_loop import SETUP_KEY, EvalSetup, eval_loop_per_worker
-from orchestration.trainer import SplitEvalDataConfig, check_test_clips_scored
+from orchestration.worker import SETUP_KEY, EvalSetup, eval_loop_per_worker
 
 
 def evaluate_model(model_uri: str, cfg: JlstmConfig, out_dir: str | Path) -> dict[str, float]:
     """Score every test clip of `cfg.data` with the model at `model_uri` on the cluster's
     `cluster.num_workers` workers; write the report into `out_dir`; return the metrics."""
     tracking.connect()
-    loaded = tracking.load_model(model_uri)
+    loaded = registry.load_model(model_uri)
     init_ray()
     ensure_index(cfg.data)
     run = load_run_data(cfg.data, lambda num_classes: loaded.model_cfg)
@@ -119,7 +119,7 @@ def predict_video(
     if not video.is_file():
         raise FileNotFoundError(f"video {str(video)!r} does not exist")
     tracking.connect()
-    loaded = tracking.load_model(model_uri)
+    loaded = registry.load_model(model_uri)
     cfg = loaded.model_cfg
     if frame_interval is None:
         frame_interval = loaded.frame_interval

@@ -1,12 +1,12 @@
 """Every metric a run reports, by name, in one place; what is printed and plotted of them.
 
-A training epoch reports, from all workers (`train_loop`): the loss terms, the training
+A training epoch reports, from all workers (`worker`): the loss terms, the training
 clips' top-1, throughput and failed clips; from the evaluation (rank 0, over every
 worker's shard of the test clips): the paper's figures with the `val_` prefix
 (`evaluate.EvalReport.metrics`: clip and video top-1, top-5 and mean-class accuracy, by
 vote and by prob), failed clips, videos scored, and on synthetic data the attention on
 the moving square. `epoch_metrics` puts one epoch's together. Ray Train's controller
-forwards them to MLflow at step = epoch (`tracking.MlflowEpochLogger`); the parent of
+forwards them to MLflow at step = epoch (`epoch_logger.EpochLoggerCallback`); the parent of
 several splits logs their averages as `avg_<name>`.
 
 Imports nothing: the command line and the plots read names from here without loading

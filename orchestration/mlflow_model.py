@@ -1,6 +1,6 @@
 """The registered model's pyfunc: JointAttentionNet rebuilt from a state dict and its config.
 
-MLflow logs this file as "models from code" (see `orchestration.tracking.log_model`): loading
+MLflow logs this file as "models from code" (see `orchestration.registry.log_model`): loading
 runs this file and `load_context` rebuilds the network from three plain artifacts, so no
 pickled Python object is ever unpickled. It imports only torch, numpy, mlflow and the
 `model` package (shipped with the model as code), never the rest of `orchestration`.

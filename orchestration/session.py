@@ -6,6 +6,7 @@ workers, below) and `plan_run` (the one planner, `orchestration.resources`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -95,16 +96,22 @@ def check_nodes_see_run(cfg: JlstmConfig, nodes: list[NodeShape]) -> None:
         probe = str(Path(storage) / f".jlstm-shared-probe-{token}")
         Path(probe).write_text(token)
     try:
-        views = ray.get([
-            _node_view.options(
+        pending = {
+            node_id: _node_view.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
             ).remote(paths, probe, token)
             for node_id in ids
-        ])
+        }
+        views = {}
+        for node_id, ref in pending.items():
+            # A node that left since it was planned on trains nothing: no verdict on it.
+            with contextlib.suppress(ray.exceptions.TaskUnschedulableError):
+                views[node_id] = ray.get(ref)
     finally:
         if probe is not None:
             Path(probe).unlink(missing_ok=True)
-    for node, (missing, shared) in zip(ids.values(), views, strict=True):
+    for node_id, (missing, shared) in views.items():
+        node = ids[node_id]
         if missing:
             key = missing[0]
             raise BadDataError(

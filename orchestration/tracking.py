@@ -1,71 +1,44 @@
-"""MLflow tracking and registry: where runs go, one run's lifecycle (found by run name,
-inputs, per-epoch metrics from the Train controller), how the model is logged, loaded
-and promoted.
+"""MLflow tracking: the store runs go to, and one run's lifecycle (found by its run name,
+started or resumed, ended FINISHED or FAILED: `tracked_run`; the config it may resume with;
+its params and inputs). The registry is `orchestration.registry`; per-epoch metrics go
+through `orchestration.epoch_logger`.
 
 The default store is SQLite under `./runs/` with artifacts beside it; `MLFLOW_TRACKING_URI`
-selects a server instead. The model is a pyfunc "models from code" whose weights are a plain
-state dict, rebuilt through `JointAttentionNet(ModelConfig)` (see `orchestration.mlflow_model`).
+selects a server instead.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
-import numpy as np
-import ray.train
-import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-import model as model_package
 from data_shards.run_data import RunData
 from model import ModelConfig
-from orchestration import mlflow_model
-from orchestration.checkpoint import BAD_CLIPS_FILE
 from orchestration.config import PATH_KEYS, JlstmConfig, absolute_path, config_to_yaml
 from orchestration.errors import ConfigError, TrackingUnavailable
-from orchestration.metrics import TRAIN_BAD_CLIPS, VAL_BAD_CLIPS
-from orchestration.mlflow_model import LoadedModel, load_from_files
-
-if TYPE_CHECKING:
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 DEFAULT_TRACKING_DIR = "runs"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-CHAMPION_ALIAS = "champion"
-SPLIT_TAG = "split"
-SCORE_TAG = "video_top1"
-TEST_VIDEOS_TAG = "test_videos"  # how many test videos the score covers
-DATASET_TAG = "dataset_digest"  # data_shards.datasets.dataset_digest of the run's manifest
-FRAME_INTERVAL_KEY = "frame_interval"  # in the MLmodel metadata
-# Packages the pyfunc needs at load time; pinned so the environment is reproducible, and
-# listed instead of inferred because inference loads the model in a subprocess (slow).
-_REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pydantic")
 
 
 def tracking_uri() -> str:
@@ -118,26 +91,6 @@ def connect() -> str:
     return uri
 
 
-def start_system_metrics(
-    run_id: str, uri: str, node: str, interval_s: float
-) -> SystemMetricsMonitor:
-    """MLflow's system metrics monitor (CPU, memory, disk, network, and GPU through NVML)
-    for this node, logged to `run_id` as `system/<node>/...` from a background thread.
-
-    MLflow starts one only inside `mlflow.start_run(log_system_metrics=True)` in the
-    process that owns the run; the training nodes are other processes, so the monitor
-    class that call uses is started directly.
-    """
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(
-        run_id, sampling_interval=interval_s, resume_logging=True, node_id=node,
-        tracking_uri=uri,
-    )
-    monitor.start()
-    return monitor
-
-
 def _sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///...` URI (None for in-memory or other stores)."""
     if not uri.startswith("sqlite:///"):
@@ -185,161 +138,6 @@ def flatten_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
-
-
-def registered_model_name(dataset: str) -> str:
-    """The registry name of a dataset's models: `jlstm-<dataset>`."""
-    return f"jlstm-{dataset}"
-
-
-def model_signature(model_cfg: ModelConfig) -> ModelSignature:
-    """uint8 frames [-1, T, S, S, 3] in, float32 class probabilities [-1, C] out."""
-    t, s = model_cfg.clip_len, model_cfg.frame_size
-    frames = TensorSpec(np.dtype(np.uint8), (-1, t, s, s, 3))
-    probabilities = TensorSpec(np.dtype(np.float32), (-1, model_cfg.num_classes))
-    return ModelSignature(inputs=Schema([frames]), outputs=Schema([probabilities]))
-
-
-def _pip_requirements() -> list[str]:
-    """`pkg==version` of the installed packages the pyfunc imports (local tags dropped)."""
-    pins = []
-    for package in _REQUIREMENTS:
-        try:
-            pins.append(f"{package}=={version(package).split('+', 1)[0]}")
-        except PackageNotFoundError:
-            pins.append(package)
-    return pins
-
-
-def log_model(
-    net: torch.nn.Module,
-    model_cfg: ModelConfig,
-    class_names: list[str],
-    *,
-    registered_model_name: str | None,
-    frame_interval: int = 1,
-    name: str = "model",
-) -> ModelInfo:
-    """Log the network to the active run as a pyfunc model; register it when a name is given.
-
-    Decision: a state dict + JSON config, rebuilt by code and loaded with
-    `torch.load(weights_only=True)`, because a pickled model would execute arbitrary code on
-    load and `pt2` (torch.export) needs an example input and ties the model to one export.
-    The training clips' `frame_interval` goes into the MLmodel metadata, so `predict` samples
-    a video's clips the way the model saw them.
-    """
-    if len(class_names) != model_cfg.num_classes:
-        raise ValueError(
-            f"{len(class_names)} class names for a model of {model_cfg.num_classes} classes"
-        )
-    module = getattr(net, "module", net)  # unwrap DistributedDataParallel
-    state = {key: value.detach().cpu() for key, value in module.state_dict().items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {key: Path(tmp) / file for key, file in mlflow_model.ARTIFACT_FILES.items()}
-        torch.save(state, files["weights"])
-        files["model_config"].write_text(json.dumps(model_cfg.model_dump(mode="json"), indent=2))
-        files["class_names"].write_text(json.dumps(list(class_names)))
-        with warnings.catch_warnings():
-            # The explicit TensorSpec signature makes an input example unnecessary; one at
-            # the paper's size (30 x 384 x 384 x 3 uint8) would add 13 MB to every model.
-            warnings.filterwarnings("ignore", message=".*input example was not provided")
-            return mlflow.pyfunc.log_model(
-                name=name,
-                python_model=str(Path(mlflow_model.__file__).resolve()),
-                artifacts={key: str(path) for key, path in files.items()},
-                # The `model` package travels with the artifact, so it loads outside this repo.
-                code_paths=[str(Path(model_package.__file__).resolve().parent)],
-                signature=model_signature(model_cfg),
-                pip_requirements=_pip_requirements(),
-                registered_model_name=registered_model_name,
-                metadata={FRAME_INTERVAL_KEY: frame_interval},
-            )
-
-
-def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
-    """Download a logged model (`models:/name@alias`, `models:/name/version`, `runs:/...`)
-    and rebuild the network from its artifacts, in eval mode on `device`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        mlmodel = mlflow.models.Model.load(local)
-        conf = mlmodel.flavors["python_function"]
-        artifacts = {key: local / entry["path"] for key, entry in conf["artifacts"].items()}
-        loaded = load_from_files(
-            artifacts["weights"], artifacts["model_config"], artifacts["class_names"], device
-        )
-    frame_interval = int((mlmodel.metadata or {}).get(FRAME_INTERVAL_KEY, 1))
-    return dataclasses.replace(loaded, frame_interval=frame_interval)
-
-
-def _beats(challenger: ModelVersion, holder: ModelVersion) -> bool:
-    """Whether `challenger` may take `champion` from `holder`: the same split and dataset
-    digest (the same test set), no fewer test videos scored, and a strictly higher video
-    top-1. A holder without a score tag compares as NaN, so it is kept."""
-    tags, held = challenger.tags, holder.tags
-    if any(tags.get(t) != held.get(t) for t in (SPLIT_TAG, DATASET_TAG)):
-        return False
-    if int(tags.get(TEST_VIDEOS_TAG, "0")) < int(held.get(TEST_VIDEOS_TAG, "0")):
-        return False
-    return float(tags.get(SCORE_TAG, "nan")) > float(held.get(SCORE_TAG, "nan"))
-
-
-def promote_if_better(
-    registered_name: str,
-    version: str | int,
-    *,
-    split: int,
-    video_top1: float,
-    test_videos: int,
-    dataset_digest: str,
-) -> bool:
-    """Tag a version with its split, dataset digest, video top-1 and the number of test
-    videos scored, then let `champion` climb to the best version; returns whether the alias
-    moved to this version.
-
-    The alias only moves to a version that beats its holder (`_beats`): a champion on
-    another split or dataset digest stays, and a version scored on fewer test videos (some
-    failed to decode) never replaces one scored on more. MLflow has no compare-and-set, so
-    two runs promoting at once could each act on a stale read; every promoter therefore
-    re-reads after it moves the alias and moves it again until no tagged version beats the
-    holder. All versions are tagged before any promoter compares, so whichever writes the
-    alias last sees every tag and leaves the best version as champion.
-    """
-    client = MlflowClient()
-    version = str(version)
-    tags = {SPLIT_TAG: str(split), SCORE_TAG: repr(float(video_top1)),
-            TEST_VIDEOS_TAG: str(test_videos), DATASET_TAG: dataset_digest}
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_name, version, key, value)
-    def holder() -> str | None:  # the alias's version, as a string whatever the store gives
-        held = client.get_registered_model(registered_name).aliases.get(CHAMPION_ALIAS)
-        return None if held is None else str(held)
-
-    first_holder = holder()
-    while True:
-        versions = {
-            str(v.version): v
-            for v in client.search_model_versions(f"name = '{registered_name}'")
-        }
-        current = holder()
-        if current not in versions:  # no champion yet (or its version was deleted)
-            _set_champion(client, registered_name, version)
-            continue
-        challengers = [v for v in versions.values() if _beats(v, versions[current])]
-        if not challengers:
-            return current == version != first_holder
-        best = max(challengers, key=lambda v: float(v.tags[SCORE_TAG]))
-        _set_champion(client, registered_name, str(best.version))
-
-
-def _set_champion(client: MlflowClient, registered_name: str, version: str) -> None:
-    """Point `champion` at `version`. Another promoter writing the alias at the same moment
-    can make the store refuse this write (a unique-key conflict): the caller re-reads and
-    decides again, so the refusal is not an error."""
-    try:
-        client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, version)
-    except MlflowException as err:
-        if "UNIQUE" not in str(err).upper() and "duplicate key" not in str(err):
-            raise
 
 
 # One run's lifecycle: found or created by its run name, inputs, per-epoch metrics.
@@ -457,70 +255,6 @@ def end_run(run_id: str, status: str) -> None:
         MlflowClient().set_terminated(run_id, status)
     except Exception as err:  # ending the run must not hide the error that ended it
         warnings.warn(f"could not mark MLflow run {run_id} {status}: {err}", stacklevel=2)
-
-
-class MlflowEpochLogger(ray.train.UserCallback):
-    """Logs each reported epoch to MLflow from the Train controller, so workers never wait.
-
-    A tracking server that does not answer does not stop training: the epoch's metrics are
-    in the checkpoint's history (`TrainState.history`), and `log_missing_epochs` sends
-    whatever is missing when the run finishes or is re-run. MLflow's client would retry a
-    dead server for minutes inside the controller, so the controller process retries less.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
-        os.environ.update(CONTROLLER_HTTP_RETRIES)
-        epoch = int(metrics[0].get("epoch", 0))
-        try:
-            log_epoch(self.tracking_uri, self.run_id, metrics[0])
-            failed = metrics[0].get(TRAIN_BAD_CLIPS, 0) + metrics[0].get(VAL_BAD_CLIPS, 0)
-            if failed and checkpoint is not None:
-                self.log_bad_clips(checkpoint, epoch)
-        except Exception as err:  # any client or connection error
-            warnings.warn(
-                f"MLflow did not take epoch {epoch} ({type(err).__name__}: {err}); it is kept "
-                "in the checkpoint and sent when the run finishes or is re-run",
-                stacklevel=2,
-            )
-
-    def log_bad_clips(self, checkpoint: ray.train.Checkpoint, epoch: int) -> None:
-        """The epoch's failed clips as artifact `bad_clips/epoch_<NNN>.csv`."""
-        with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:
-            named = Path(tmp) / f"epoch_{epoch:03d}.csv"
-            named.write_bytes((Path(ckpt_dir) / BAD_CLIPS_FILE).read_bytes())
-            MlflowClient(self.tracking_uri).log_artifact(self.run_id, str(named), "bad_clips")
-
-
-# MLflow's defaults (7 retries, 120 s timeout) would hold the Train controller for minutes.
-CONTROLLER_HTTP_RETRIES = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-}
-
-
-def log_epoch(tracking_uri: str, run_id: str, metrics: dict[str, Any]) -> None:
-    """The numeric metrics of one epoch's report, at step = its epoch, in one request."""
-    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-    step = int(numeric.get("epoch", 0))
-    now_ms = int(time.time() * 1000)
-    MlflowClient(tracking_uri).log_batch(
-        run_id, metrics=[mlflow.entities.Metric(k, v, now_ms, step) for k, v in numeric.items()]
-    )
-
-
-def log_missing_epochs(run_id: str, history: list[dict[str, float]]) -> int:
-    """Send the epochs of `history` MLflow does not have yet (after a tracking outage, or
-    for a run re-run after it); returns how many. Each epoch is one atomic request, and
-    one found logged is never sent again, so every epoch is logged exactly once."""
-    client = MlflowClient()
-    logged = {m.step for m in client.get_metric_history(run_id, "epoch")}
-    missing = [epoch for epoch in history if int(epoch["epoch"]) not in logged]
-    for epoch in missing:
-        log_epoch(mlflow.get_tracking_uri(), run_id, epoch)
-    return len(missing)
 
 
 def log_run_inputs(

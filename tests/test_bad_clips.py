@@ -24,9 +24,9 @@ from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
 from jlstm import cli
-from orchestration import tracking
+from orchestration import registry, tracking
 from orchestration.config import load_config, validate_config
-from orchestration.trainer import train_split
+from orchestration.driver import train_split
 
 pytestmark = pytest.mark.slow  # each test trains a tiny model on local Ray (1-2 min)
 
@@ -81,9 +81,9 @@ def test_a_video_broken_after_indexing_is_reported_and_the_run_finishes(
     assert run.data.metrics["val_videos_scored"] == test_videos - 1
     assert run.data.metrics["val_videos_unscored"] == 1
     version = client.get_model_version(
-        tracking.registered_model_name("ucf101"), result.model_version
+        registry.registered_model_name("ucf101"), result.model_version
     )
-    assert version.tags[tracking.TEST_VIDEOS_TAG] == str(test_videos - 1)
+    assert version.tags[registry.TEST_VIDEOS_TAG] == str(test_videos - 1)
 
 
 def test_a_run_whose_clips_mostly_fail_stops_with_one_line(

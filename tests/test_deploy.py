@@ -519,7 +519,7 @@ def _libpq(env: dict[str, str]) -> dict[str, str]:
 
 TRAINER = "jlstm-trainer"  # the account deploy/README.md step 3 creates for training jobs
 RUN_NAME = "deploy-train"
-MODEL_NAME = "jlstm-ucf101"  # tracking.registered_model_name("ucf101"), the tiny config's dataset
+MODEL_NAME = "jlstm-ucf101"  # registry.registered_model_name("ucf101"), the tiny config's dataset
 FRAME_INTERVAL = 3  # the tiny config's data.frame_interval, carried in the logged model
 # Measured on the shared 2-core machine: 8 min at load 6, 15 min at load 45. Most of it is
 # MLflow requests: each one checks the password's scrypt hash again, and the run logs its ~75
@@ -651,7 +651,7 @@ def test_a_read_user_loads_the_champion_but_cannot_move_it(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from orchestration import tracking
+    from orchestration import registry
 
     uri = tracking_server["uri"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -675,7 +675,7 @@ def test_a_read_user_loads_the_champion_but_cannot_move_it(
     assert granted.permission == "READ"
 
     log_in(*reader)
-    loaded = tracking.load_model(f"models:/{MODEL_NAME}@champion")
+    loaded = registry.load_model(f"models:/{MODEL_NAME}@champion")
     assert len(loaded.class_names) == 2 and loaded.frame_interval == FRAME_INTERVAL
     assert loaded.model_cfg.frame_size == 64
 

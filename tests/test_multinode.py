@@ -33,14 +33,14 @@ from tiny_run import EPOCHS, tiny_config
 from data_shards.errors import BadDataError
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig
-from orchestration import tracking
+from orchestration import registry
 from orchestration.checkpoint import TrainState
 from orchestration.config import ClusterConfig, JlstmConfig, validate_config
+from orchestration.driver import SplitResult, train_split
 from orchestration.errors import ConfigError
 from orchestration.inference import evaluate_distributed, evaluate_model
 from orchestration.resources import NodeShape, live_nodes, plan_live, plan_resources
 from orchestration.session import check_nodes_see_run
-from orchestration.trainer import SplitResult, train_split
 
 pytestmark = pytest.mark.slow
 WORKER_CPUS = 2.0
@@ -145,7 +145,7 @@ def test_two_workers_spread_over_two_nodes_and_are_tracked(
     assert len(set(worker_nodes)) == 2 and head not in worker_nodes
     for metric in ("loss_total", "val_video_top1_vote", "epoch"):
         assert _epoch_steps(result.run_id, metric) == list(range(1, SPREAD_EPOCHS + 1)), metric
-    name = tracking.registered_model_name("ucf101")
+    name = registry.registered_model_name("ucf101")
     assert MlflowClient().get_model_version(name, result.model_version).run_id == result.run_id
 
 
@@ -160,7 +160,7 @@ def test_evaluation_on_one_and_two_workers_agrees(
         state.class_names, tmp_path / "one",
     )
     # The registered model (same weights) through `jlstm eval`'s path, on 2 workers.
-    name = tracking.registered_model_name("ucf101")
+    name = registry.registered_model_name("ucf101")
     on_two = evaluate_model(f"models:/{name}/{result.model_version}", cfg, tmp_path / "two")
     assert on_one.pop("seconds") > 0 and on_two.pop("seconds") > 0
     # One worker scores every test clip; each of two scores a share (none idles).
@@ -232,7 +232,7 @@ def test_run_survives_losing_a_worker_node(
     for metric in ("epoch", "loss_total", "val_video_top1_vote"):
         assert _epoch_steps(result.run_id, metric) == list(range(1, EPOCHS + 1)), metric
     assert TrainState.load(Path(result.checkpoint_dir)).epoch == EPOCHS
-    name = tracking.registered_model_name("ucf101")
+    name = registry.registered_model_name("ucf101")
     assert MlflowClient().get_model_version(name, result.model_version).run_id == result.run_id
 
 
@@ -284,7 +284,7 @@ def test_a_node_that_does_not_see_the_data_or_the_storage_is_refused(
     try:
         (shape,) = _wait_for(
             lambda: [n for n in ray.nodes() if n["Alive"] and PRIVATE_DISK in n["Resources"]],
-            120, "the node with its own disk",
+            300, "the node with its own disk",
         )
         nodes = [NodeShape(0, 0, shape["NodeManagerAddress"] + " private", shape["NodeID"])]
         check_nodes_see_run(shared, nodes)  # data and storage outside `private`: seen there

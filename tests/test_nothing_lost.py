@@ -23,10 +23,10 @@ from tiny_run import tiny_config
 
 from data_shards.synth import synthesize_dataset, write_index_video
 from jlstm import cli
-from orchestration import tracking
+from orchestration import registry, tracking
 from orchestration.checkpoint import TrainState
 from orchestration.config import validate_config
-from orchestration.trainer import SplitResult, train_split
+from orchestration.driver import SplitResult, train_split
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -186,7 +186,7 @@ def test_concurrent_promotions_leave_the_best_champion(
                     errors: list[BaseException] = errors) -> None:
             barrier.wait()
             try:
-                tracking.promote_if_better(name, version, split=1, video_top1=score,
+                registry.promote_if_better(name, version, split=1, video_top1=score,
                                            test_videos=10, dataset_digest="d1")
             except BaseException as err:  # reported by the test thread below
                 errors.append(err)
@@ -198,8 +198,8 @@ def test_concurrent_promotions_leave_the_best_champion(
         for thread in threads:
             thread.join()
         assert not errors, errors
-        champion = client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS)
-        assert float(champion.tags[tracking.SCORE_TAG]) == max(scores), attempt
+        champion = client.get_model_version_by_alias(name, registry.CHAMPION_ALIAS)
+        assert float(champion.tags[registry.SCORE_TAG]) == max(scores), attempt
 
 
 def test_the_champion_is_per_dataset_digest_and_the_demo_has_its_own_name(
@@ -210,17 +210,17 @@ def test_the_champion_is_per_dataset_digest_and_the_demo_has_its_own_name(
     client = MlflowClient()
     demo = validate_config(yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()))
     assert demo.tracking.registered_model == "jlstm-demo"
-    real = _registered_versions(client, tracking.registered_model_name("ucf101"), 2, "x")
+    real = _registered_versions(client, registry.registered_model_name("ucf101"), 2, "x")
     synthetic = _registered_versions(client, "jlstm-demo", 1, "x")
-    assert tracking.promote_if_better("jlstm-demo", synthetic[0], split=1, video_top1=1.0,
+    assert registry.promote_if_better("jlstm-demo", synthetic[0], split=1, video_top1=1.0,
                                       test_videos=28, dataset_digest="synthetic")
-    assert tracking.promote_if_better("jlstm-ucf101", real[0], split=1, video_top1=0.8,
+    assert registry.promote_if_better("jlstm-ucf101", real[0], split=1, video_top1=0.8,
                                       test_videos=3783, dataset_digest="ucf101-a")
     # Better, but on other videos (another copy, some lost): not comparable, not promoted.
-    assert not tracking.promote_if_better("jlstm-ucf101", real[1], split=1, video_top1=0.9,
+    assert not registry.promote_if_better("jlstm-ucf101", real[1], split=1, video_top1=0.9,
                                           test_videos=3783, dataset_digest="ucf101-b")
     for name, version in (("jlstm-demo", synthetic[0]), ("jlstm-ucf101", real[0])):
-        assert client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS).version == version
+        assert client.get_model_version_by_alias(name, registry.CHAMPION_ALIAS).version == version
 
 
 def _jlstm(

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_server import free_port, running_mlflow_server
 
 from model import JointAttentionNet, build_model
-from orchestration import tracking
+from orchestration import registry, tracking
 
 CLASS_NAMES = ["walk", "run", "jump", "wave"]
 REGISTERED = "jlstm-test"
@@ -77,7 +77,7 @@ def logged(local_store: Path) -> tuple[JointAttentionNet, ModelInfo]:
     net = small_net()
     mlflow.set_experiment(experiment_id=tracking.get_or_create_experiment("tracking-test"))
     with mlflow.start_run():
-        info = tracking.log_model(
+        info = registry.log_model(
             net, net.cfg, CLASS_NAMES, registered_model_name=REGISTERED, frame_interval=3
         )
     return net, info
@@ -88,13 +88,13 @@ def test_log_model_registers_and_loads_back_identically(
 ) -> None:
     net, info = logged
     assert info.registered_model_version == 1
-    loaded = tracking.load_model(f"models:/{REGISTERED}/1")
+    loaded = registry.load_model(f"models:/{REGISTERED}/1")
     assert not loaded.net.training
     assert loaded.model_cfg == net.cfg
     assert loaded.class_names == CLASS_NAMES
     assert loaded.frame_interval == 3
     assert_same_outputs(net, loaded.net)
-    assert_same_outputs(net, tracking.load_model(info.model_uri).net)
+    assert_same_outputs(net, registry.load_model(info.model_uri).net)
 
     # Artifacts sit beside the database, never in the cwd's ./mlruns.
     experiment = mlflow.get_experiment_by_name("tracking-test")
@@ -122,10 +122,10 @@ def test_champion_moves_only_on_improvement(
     versions = [client.create_model_version(name, info.model_uri).version for _ in range(7)]
 
     def champion() -> str:
-        return client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS).version
+        return client.get_model_version_by_alias(name, registry.CHAMPION_ALIAS).version
 
     def promote(version: str, split: int, top1: float, videos: int = 100) -> bool:
-        return tracking.promote_if_better(
+        return registry.promote_if_better(
             name, version, split=split, video_top1=top1, test_videos=videos,
             dataset_digest="d1",
         )
@@ -184,7 +184,7 @@ def test_flatten_params() -> None:
         "train.nested.deep": "1",
     }
     assert tracking.flatten_params({"a": 1}, prefix="cfg.") == {"cfg.a": "1"}
-    assert tracking.registered_model_name("ucf101") == "jlstm-ucf101"
+    assert registry.registered_model_name("ucf101") == "jlstm-ucf101"
 
 
 @pytest.fixture(scope="module")
@@ -207,13 +207,13 @@ def test_log_register_and_load_through_a_real_server(
         with mlflow.start_run(experiment_id=experiment_id) as run:
             mlflow.log_params(tracking.flatten_params({"model": net.cfg.model_dump(mode="json")}))
             mlflow.log_metric("val_video_top1_vote", 0.75, step=1)
-            info = tracking.log_model(net, net.cfg, CLASS_NAMES, registered_model_name=REGISTERED)
+            info = registry.log_model(net, net.cfg, CLASS_NAMES, registered_model_name=REGISTERED)
         version = info.registered_model_version
-        assert tracking.promote_if_better(
+        assert registry.promote_if_better(
             REGISTERED, version, split=1, video_top1=0.75, test_videos=10,
             dataset_digest="d1",
         )
-        loaded = tracking.load_model(f"models:/{REGISTERED}@{tracking.CHAMPION_ALIAS}")
+        loaded = registry.load_model(f"models:/{REGISTERED}@{registry.CHAMPION_ALIAS}")
         assert_same_outputs(net, loaded.net)
         logged_run = MlflowClient().get_run(run.info.run_id)
         assert logged_run.data.params["model.hidden_size"] == "32"

@@ -36,11 +36,11 @@ from data_shards.decode import decode_clip
 from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
-from orchestration import tracking
+from orchestration import registry
 from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, validate_config
+from orchestration.driver import SplitResult, train_split
 from orchestration.tracking import FINISHED_TAG
-from orchestration.trainer import SplitResult, train_split
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,7 +99,7 @@ def test_training_run_is_tracked(trained: tuple[JlstmConfig, SplitResult]) -> No
     assert "system/node0/system_memory_usage_megabytes" in run.data.metrics
     top = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "quarantine.csv"} <= top
-    name = tracking.registered_model_name("ucf101")
+    name = registry.registered_model_name("ucf101")
     version = client.get_model_version(name, result.model_version)
     assert version.run_id == result.run_id
     assert str(client.get_model_version_by_alias(name, "champion").version) == result.model_version
@@ -146,7 +146,7 @@ def test_predict_agrees_with_the_registered_model(
     probs = [float(p.rstrip("%")) / 100 for p, _ in ranked]
     assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-3)
 
-    loaded = tracking.load_model("models:/jlstm-ucf101@champion")
+    loaded = registry.load_model("models:/jlstm-ucf101@champion")
     model_cfg = loaded.model_cfg
     num_frames = len(decord.VideoReader(str(video)))
     clips = np.stack([
@@ -282,7 +282,7 @@ def test_killed_worker_resumes_from_checkpoint_on_mlflow_server(
         client = MlflowClient(uri)
         steps = [m.step for m in client.get_metric_history(result.run_id, "epoch")]
         assert sorted(steps) == list(range(1, EPOCHS + 1))  # each epoch logged exactly once
-        assert client.get_registered_model(tracking.registered_model_name("ucf101"))
+        assert client.get_registered_model(registry.registered_model_name("ucf101"))
 
 
 def _dashboard_request(

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestration import tracking
 from orchestration.config import validate_config
-from orchestration.trainer import check_bad_clips, finish_run, finishing_data
+from orchestration.driver import check_bad_clips, finish_run, finishing_data
 from tune_spaces.trial import finished_checkpoint, fit_run
 
 RUN_KEY = "run"  # the Tune config key: the run's name, a key of `runs`

@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestration.config import JlstmConfig, validate_config
+from orchestration.driver import SplitResult, finish_run, finishing_data
 from orchestration.metrics import ATTENTION_ON_TARGET, VIDEO_TOP1_VOTE, loss_metric
-from orchestration.trainer import SplitResult, finish_run, finishing_data
 from tune_spaces.report import (
     FUSION_KEY,
     LAMBDA_KEY,

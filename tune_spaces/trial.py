@@ -19,8 +19,9 @@ from ray import tune
 from orchestration import tracking
 from orchestration.checkpoint import CHECKPOINT_FILE, TrainState
 from orchestration.config import JlstmConfig, is_uri, validate_config
+from orchestration.driver import PreparedData, build_trainer, prepare_data
+from orchestration.epoch_logger import EpochLoggerCallback, MlflowEpochLogger, log_missing_epochs
 from orchestration.session import plan_run, run_storage
-from orchestration.trainer import PreparedData, build_trainer, prepare_data
 from tune_spaces.release import RegisterTrainRun
 from tune_spaces.spaces import SweepConfig, trial_raw
 
@@ -57,7 +58,7 @@ def run_trial(
         # Interrupted after this trial's Train run ended but before Tune (and maybe MLflow)
         # took its last report: a new fit would train nothing and report nothing.
         history = TrainState.load(finished).history
-        tracking.log_missing_epochs(run_id, history)
+        log_missing_epochs(MlflowEpochLogger(tracking_uri, run_id), history)
         tune.report({**history[-1], CHECKPOINT_PATH_KEY: str(finished)})
         return
     callbacks = [TuneReportCallback(), RegisterTrainRun(registry_name, trial_id)]
@@ -75,7 +76,7 @@ def fit_run(
     plan = plan_run(cfg)
     data = prepare_data(cfg)
     digest = tracking.log_run_inputs(cfg, run_id, data.model_cfg, data.run)
-    callbacks = [tracking.MlflowEpochLogger(tracking_uri, run_id), *callbacks]
+    callbacks = [EpochLoggerCallback(MlflowEpochLogger(tracking_uri, run_id)), *callbacks]
     result = build_trainer(cfg, data, plan, callbacks, run_id).fit()
     return result, data, digest
 

@@ -27,10 +27,11 @@ from data_shards.index import ensure_index
 from data_shards.run_data import RunData, load_run_data
 from data_shards.targets import TargetCells, target_reader
 from model import JointAttentionNet, ModelConfig
-from orchestration import tracking
+from orchestration import registry, tracking
 from orchestration.attention_examples import attention_examples
 from orchestration.checkpoint import EVAL_DIR, Checkpointer, TrainState, bad_clips
 from orchestration.config import JlstmConfig
+from orchestration.epoch_logger import EpochLoggerCallback, MlflowEpochLogger, log_missing_epochs
 from orchestration.errors import ConfigError
 from orchestration.metrics import (
     EVAL_PREFIX,
@@ -41,13 +42,12 @@ from orchestration.metrics import (
     TRAIN_BAD_FRACTION,
     VAL_BAD_CLIPS,
     VAL_VIDEOS_SCORED,
-    VIDEO_TOP1_PROB,
     VIDEO_TOP1_VOTE,
 )
 from orchestration.plots import plot_loss_curves
 from orchestration.resources import ResourcePlan
 from orchestration.session import plan_run, run_lock, run_storage
-from orchestration.train_loop import (
+from orchestration.worker import (
     SETUP_KEY,
     SystemMetrics,
     WorkerSetup,
@@ -207,7 +207,7 @@ def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResu
         plan = plan_run(cfg)
         data = prepare_data(cfg, checked)
         digest = tracking.log_run_inputs(cfg, run.run_id, data.model_cfg, data.run)
-        callbacks = [tracking.MlflowEpochLogger(uri, run.run_id)]
+        callbacks = [EpochLoggerCallback(MlflowEpochLogger(uri, run.run_id))]
         result = build_trainer(cfg, data, plan, callbacks, run.run_id).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"run {cfg.resolved_run_name()!r} ended without a checkpoint")
@@ -288,7 +288,7 @@ def finish_run(
     with checkpoint.as_directory() as ckpt_dir:
         state = TrainState.load(Path(ckpt_dir))
         history = state.history
-        tracking.log_missing_epochs(run_id, history)
+        log_missing_epochs(MlflowEpochLogger(mlflow.get_tracking_uri(), run_id), history)
         final = {k: float(v) for k, v in history[-1].items() if isinstance(v, int | float)}
         if tags.get(tracking.FINISHED_TAG) == str(state.epoch):
             log.info("run %s already finished at epoch %d: nothing to log", run_id, state.epoch)
@@ -310,46 +310,25 @@ def finish_run(
     with mlflow.start_run(run_id=run_id):
         registered = None
         if cfg.tracking.register_model:
-            registered = cfg.tracking.registered_model or tracking.registered_model_name(
+            registered = cfg.tracking.registered_model or registry.registered_model_name(
                 cfg.data.dataset
             )
-        info = tracking.log_model(
+        info = registry.log_model(
             net, net.cfg, data.class_names, registered_model_name=registered,
             frame_interval=cfg.data.frame_interval,
         )
         if registered:
             version = str(info.registered_model_version)
-            promoted = tracking.promote_if_better(
+            promoted = registry.promote_if_better(
                 registered, version, split=cfg.data.split,
                 video_top1=final[VIDEO_TOP1_VOTE],
                 test_videos=int(final[VAL_VIDEOS_SCORED]),
                 dataset_digest=dataset_digest,
             )
-            describe_version(client, registered, version, cfg, final, dataset_digest)
+            registry.describe_version(client, registered, version, cfg, final, dataset_digest)
             mlflow.set_tag(tracking.VERSION_TAG, version)
         mlflow.set_tag(tracking.FINISHED_TAG, str(state.epoch))
     return SplitResult(run_id, final, checkpoint.path, version, promoted)
-
-
-def describe_version(
-    client: MlflowClient, name: str, version: str, cfg: JlstmConfig, final: dict[str, float],
-    digest: str,
-) -> None:
-    """What a user browsing the registry reads: the model's and the version's description
-    (variant, dataset, split, digest, test figures, the predict line)."""
-    predict = f"jlstm predict VIDEO --model models:/{name}@{tracking.CHAMPION_ALIAS}"
-    client.update_registered_model(name, description=(
-        f"jlstm: {cfg.data.dataset} action recognition (Wu et al. 2016, joint attention on "
-        f"multi-level deep features); the alias @{tracking.CHAMPION_ALIAS} holds the best "
-        f"version on the same split and dataset digest. Predict: `{predict}`"
-    ))
-    client.update_model_version(name, version, description=(
-        f"variant {cfg.variant}, dataset {cfg.data.dataset} split {cfg.data.split} "
-        f"(dataset digest {digest}); test video top-1 {final[VIDEO_TOP1_VOTE]:.1%} by "
-        f"vote, {final.get(VIDEO_TOP1_PROB, float('nan')):.1%} by prob, over "
-        f"{int(final[VAL_VIDEOS_SCORED])} test videos; run {cfg.resolved_run_name()}. "
-        f"Predict: `{predict}`"
-    ))
 
 
 def train_splits(cfg: JlstmConfig, splits: list[int]) -> list[SplitResult]:

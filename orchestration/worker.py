@@ -34,6 +34,7 @@ from data_shards.targets import TargetCells
 from model import JointAttentionNet, ModelConfig, clip_scores
 from orchestration.checkpoint import Checkpointer, TrainState
 from orchestration.config import JlstmConfig
+from orchestration.epoch_logger import start_system_metrics
 from orchestration.evaluate import ClipPredictions, EvalReport, attention_on_target, evaluate
 from orchestration.metrics import (
     ATTENTION_ON_TARGET,
@@ -52,7 +53,6 @@ from orchestration.metrics import (
     loss_metric,
 )
 from orchestration.step import BadClip, autocast, build_optimizer, to_batch, train_step
-from orchestration.tracking import start_system_metrics
 
 
 @dataclass(frozen=True)
