@@ -10,6 +10,7 @@ added nodes) test placement without starting CUDA.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -257,6 +258,13 @@ def _private_node(cluster: Any, private: Path, home: Path, log: Path) -> subproc
         f"--resources='{{\"{PRIVATE_DISK}\": 1}}' {ports}"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HOME": str(home)}
+    # A HOME of its own (its processes are found by it), holding the cluster's token: once
+    # ~/.ray/auth_token exists, Ray turns token auth on for the clusters this process starts
+    # (RAY_AUTH_MODE=token in its environment), and a node without the token cannot join.
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file():
+        (home / ".ray").mkdir(exist_ok=True)
+        shutil.copy(token, home / ".ray" / "auth_token")
     with log.open("w") as out:
         return subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
