@@ -249,7 +249,6 @@ def _plain_epochs(
                     optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(),
                     epoch=epoch + 1,
-                    rng=[],
                     best_metric=metrics["val_video_top1_vote"],
                     history=[metrics],
                     model_config=data.model_cfg.model_dump(mode="json"),

@@ -51,6 +51,13 @@ def subset_clips(
     return clip_table(videos, clip_len, stride, frame_interval)
 
 
+def train_clip_table(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> pa.Table:
+    """The training clips of an epoch (`train.batch_size` of them a step, any world size)."""
+    return subset_clips(
+        manifest, "train", model_cfg.clip_len, data_cfg.train_stride, data_cfg.frame_interval
+    )
+
+
 def _shuffle_seed(data_cfg: DataConfig, epoch_seed: int | None) -> RandomSeedConfig:
     """A new order per execution from data_cfg.seed, or one fixed order per epoch_seed."""
     if epoch_seed is None:
@@ -124,9 +131,10 @@ def build_datasets(
         run_data = load_run_data(data_cfg, lambda num_classes: model_cfg)
     manifest = run_data.manifest
     clip_len, interval = model_cfg.clip_len, data_cfg.frame_interval
-    train_stride, eval_stride = data_cfg.train_stride, data_cfg.eval_stride_for(clip_len)
-    train_clips = subset_clips(manifest, "train", clip_len, train_stride, interval)
-    val_clips = subset_clips(manifest, "test", clip_len, eval_stride, interval)
+    train_clips = train_clip_table(data_cfg, model_cfg, manifest)
+    val_clips = subset_clips(
+        manifest, "test", clip_len, data_cfg.eval_stride_for(clip_len), interval
+    )
     train = ray.data.from_arrow(train_clips).random_shuffle(
         seed=_shuffle_seed(data_cfg, epoch_seed)
     )

@@ -37,8 +37,7 @@ class TrainState:
     model: dict[str, torch.Tensor]  # the net's state dict
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    epoch: int  # epochs done
-    rng: list[dict[str, Any]]  # every worker's RNG state, in rank order
+    epoch: int  # epochs done (random draws are seeded per epoch: `worker.seed_epoch`)
     best_metric: float  # best video top-1 by vote so far (metrics.VIDEO_TOP1_VOTE)
     history: list[dict[str, float]]  # every epoch's reported metrics, in order
     model_config: dict[str, Any]  # ModelConfig as JSON
@@ -54,7 +53,9 @@ class TrainState:
         """The state in `directory`, on the CPU (the optimizer moves its part to the
         parameters' device when it is loaded into one)."""
         raw = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        return cls(**raw)
+        # Only the fields this version knows: a checkpoint of an earlier one also held
+        # every worker's RNG state, which epochs no longer carry.
+        return cls(**{f.name: raw[f.name] for f in fields(cls)})
 
     @staticmethod
     def is_in(directory: Path) -> bool:

@@ -8,7 +8,6 @@ answers without importing Ray, torch or MLflow (seconds of imports).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -95,23 +94,30 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
 
 def plan_report(cfg: JlstmConfig, nodes: list[NodeShape]) -> dict[str, Any]:
-    """`jlstm plan --json`: the resource plan on `nodes` and the size of an epoch."""
+    """`jlstm plan --json`: the resource plan on `nodes` and the size of an epoch; for an
+    elastic run (`cluster.min_workers`) also the placement at each end of its range."""
     from data_shards.sizing import data_size
     from data_shards.splits import class_names
+    from orchestration.batching import rank_batch_sizes, steps_per_epoch
     from orchestration.resources import plan_resources
 
     manifest = cfg.data.manifest_path()
     num_classes = len(class_names(manifest)) if manifest.is_file() else 2
     size = data_size(cfg.data, cfg.resolve_model(num_classes))
     plan = plan_resources(cfg.cluster, cfg.data.decode_cpus, nodes)
-    world = cfg.cluster.num_workers
+    report: dict[str, Any] = plan.to_dict()
+    if plan.elastic:
+        for key, workers in (("at_min_workers", plan.min_workers),
+                             ("at_num_workers", plan.max_workers)):
+            fixed = cfg.cluster.model_copy(update={"num_workers": workers, "min_workers": None})
+            report[key] = plan_resources(fixed, cfg.data.decode_cpus, nodes).to_dict()
     steps = None
     if size.train_clips is not None:
-        # Ray Train's equal split gives each worker floor(clips / world) clips.
-        per_worker_batch = max(1, cfg.train.batch_size // world)
-        steps = math.ceil(size.train_clips // world / per_worker_batch)
+        steps = steps_per_epoch(size.train_clips, cfg.train.batch_size)
     return {
-        **plan.to_dict(),
+        **report,
+        "global_batch": cfg.train.batch_size,
+        "rank_batch_sizes": rank_batch_sizes(cfg.train.batch_size, plan.num_workers),
         "clips_per_epoch": size.train_clips,
         "test_clips": size.test_clips,
         "steps_per_epoch": steps,
@@ -125,12 +131,16 @@ def print_plan(report: dict[str, Any]) -> None:
     """The plan as a short table a person reads."""
     verdict = "fits" if report["fits"] else f"does not fit: {report['reason']}"
     print(f"nodes: {report['node_shapes']}  ->  {verdict}")
-    nodes = report["nodes"]
-    for rank, worker in enumerate(report["workers"]):
-        node = nodes[worker["node"]]
-        shape = f"{node['cpus']:g} CPU" + (f", {node['gpus']:g} GPU" if node["gpus"] else "")
-        print(f"  worker {rank}: node {worker['node']} ({node['name']}: {shape}) takes "
-              f"{worker['CPU']:g} CPU + {worker['GPU']:g} GPU")
+    if report["min_workers"] < report["max_workers"]:
+        print(f"  elastic: {report['min_workers']} to {report['max_workers']} workers; "
+              + (f"starts with {report['num_workers']}" if report["fits"] else "cannot start"))
+        for key, title in (("at_min_workers", "min_workers"), ("at_num_workers", "num_workers")):
+            placed = report[key]
+            fits = "fits" if placed["fits"] else f"not on these nodes: {placed['reason']}"
+            print(f"  at cluster.{title} = {placed['num_workers']}: {fits}")
+            _print_workers(placed, indent="    ")
+    else:
+        _print_workers(report, indent="  ")
     if report["fits"]:
         print(f"  Ray Data keeps {report['data_cpus']:g} CPUs")
 
@@ -140,9 +150,19 @@ def print_plan(report: dict[str, Any]) -> None:
 
     gib = report["cache_bytes"] / 2**30 if report["cache_bytes"] is not None else None
     print(f"  data ({report['data_source']}): {number('clips_per_epoch')} training clips, "
-          f"{number('steps_per_epoch')} steps per epoch, {number('test_clips')} test clips")
+          f"{number('steps_per_epoch')} steps of {report['global_batch']} clips per epoch "
+          f"(at any number of workers), {number('test_clips')} test clips")
     print(f"  {report['bytes_per_clip'] / 2**20:.2f} MiB per clip; feature cache "
           + ("unknown" if gib is None else f"{gib:,.1f} GiB"))
+
+
+def _print_workers(plan: dict[str, Any], indent: str) -> None:
+    nodes = plan["nodes"]
+    for rank, worker in enumerate(plan["workers"]):
+        node = nodes[worker["node"]]
+        shape = f"{node['cpus']:g} CPU" + (f", {node['gpus']:g} GPU" if node["gpus"] else "")
+        print(f"{indent}worker {rank}: node {worker['node']} ({node['name']}: {shape}) takes "
+              f"{worker['CPU']:g} CPU + {worker['GPU']:g} GPU")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

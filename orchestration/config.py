@@ -42,9 +42,23 @@ class ClusterConfig(_Section):
 
     `cpus_per_worker: null` means 2 CPUs beside each worker's GPU on a GPU cluster, and on
     a CPU-only cluster an equal share of what Ray Data's reserve leaves.
+
+    Elastic training: with `min_workers` below `num_workers`, a run starts with as many
+    workers as fit (at least `min_workers`), goes on with fewer when a node is lost and
+    grows back to `num_workers` when nodes come (Ray Train's `ScalingConfig(num_workers=
+    (min, max))`; every resize restarts the workers from the last epoch's checkpoint).
     """
 
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1, description="workers to train with (the most, elastic)")
+    min_workers: int | None = Field(
+        None, ge=1,
+        description="the fewest workers a run trains with; below num_workers the run is "
+        "elastic; default: num_workers (a fixed size)",
+    )
+    resize_interval_s: float = Field(
+        60.0, gt=0,
+        description="elastic runs: how often Ray Train looks for room to grow the workers",
+    )
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0)
     wait_for_resources_s: float = Field(
@@ -52,9 +66,35 @@ class ClusterConfig(_Section):
         description="on a cluster jlstm joined (RAY_ADDRESS), how long to wait for it to grow "
         "to the plan before refusing; a local Ray jlstm started never waits",
     )
-    max_failures: int = Field(2, ge=-1)
+    max_failures: int = Field(
+        2, ge=-1, description="restarts after worker errors (a lost node counts); -1: no limit"
+    )
+    max_preemption_failures: int = Field(
+        -1, ge=-1,
+        description="restarts after node preemptions (spot or preemptible nodes), counted "
+        "apart from max_failures; -1: no limit",
+    )
     storage_path: str = "runs/ray"
     checkpoints_to_keep: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check_min_workers(self) -> ClusterConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(
+                f"cluster.min_workers = {self.min_workers} is more than cluster.num_workers = "
+                f"{self.num_workers}: set min_workers <= num_workers"
+            )
+        return self
+
+    @property
+    def fewest_workers(self) -> int:
+        """The fewest workers a run trains with (`min_workers`, else `num_workers`)."""
+        return self.min_workers or self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the run may change its number of workers."""
+        return self.fewest_workers < self.num_workers
 
 
 class TrackingConfig(_Section):

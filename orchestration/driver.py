@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from data_shards.cluster import init_ray
 from data_shards.config import DataConfig
-from data_shards.datasets import ClipReader, build_datasets, clip_readers
+from data_shards.datasets import ClipReader, build_datasets, clip_readers, train_clip_table
 from data_shards.errors import BadDataError
 from data_shards.index import ensure_index
 from data_shards.run_data import RunData, load_run_data
@@ -77,6 +77,7 @@ class PreparedData:
     datasets: dict[str, ray.data.Dataset]
     readers: dict[str, ClipReader | None]  # what each dataset's consumer applies per batch
     targets: TargetCells | None = None  # the moving shape's locations on synthetic data
+    train_clips: int = 0  # clips in a training epoch
 
     @property
     def class_names(self) -> list[str]:
@@ -106,7 +107,8 @@ def prepare_data(cfg: JlstmConfig, run: RunData | None = None) -> PreparedData:
         cfg.data.frame_interval,
     )
     readers = clip_readers(cfg.data, model_cfg, run.cache_key)
-    return PreparedData(run, model_cfg, datasets, readers, targets)
+    train_clips = train_clip_table(cfg.data, model_cfg, run.manifest).num_rows
+    return PreparedData(run, model_cfg, datasets, readers, targets, train_clips)
 
 
 def finishing_data(cfg: JlstmConfig) -> tuple[PreparedData, str]:
@@ -164,21 +166,29 @@ def build_trainer(
             cfg.tracking.system_metrics_interval_s,
         )
     setup = WorkerSetup(
-        cfg, data.model_cfg, data.class_names, data.test_videos, data.readers, data.targets,
-        system_metrics,
+        cfg, data.model_cfg, data.class_names, data.test_videos, data.train_clips,
+        data.readers, data.targets, system_metrics,
     )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={SETUP_KEY: setup},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.num_workers,
+            # An elastic run's (min, max): Ray Train starts with as many workers as fit and
+            # restarts the group from the last checkpoint when it shrinks or grows.
+            num_workers=plan.scaling_workers(),
             use_gpu=cfg.cluster.use_gpu,
             resources_per_worker=plan.worker_resources(),
+            elastic_resize_monitor_interval_s=cfg.cluster.resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.resolved_run_name(),
             storage_path=run_storage(cfg),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            # A lost node is a worker error (max_failures); a node the cloud preempts (spot)
+            # is counted apart, so an elastic run on spot nodes is not ended by its losses.
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.cluster.max_failures,
+                max_preemption_failures=cfg.cluster.max_preemption_failures,
+            ),
             checkpoint_config=Checkpointer(cfg.cluster.checkpoints_to_keep).ray_config(),
             callbacks=callbacks,
         ),
@@ -215,20 +225,26 @@ def train_split(cfg: JlstmConfig, parent_run_id: str | None = None) -> SplitResu
         return finish_run(cfg, run.run_id, result.checkpoint, data, digest)
 
 
-def preflight(cfg: JlstmConfig) -> RunData | None:
+def preflight(cfg: JlstmConfig, *, check_cache: bool = True) -> RunData | None:
     """The data errors that can be known before Ray and MLflow start: no dataset folder
-    (ConfigError), too many quarantined videos (BadDataError), a stale or missing feature
-    cache (StaleCacheError). Returns the data it read, for the run to reuse (None when the
-    split is not indexed yet: the run indexes it)."""
+    (ConfigError), too many quarantined videos (BadDataError), and with `check_cache` a
+    stale or missing feature cache (StaleCacheError). Returns the data it read, for the
+    run to reuse (None when the split is not indexed yet: the run indexes it).
+
+    `jlstm train` runs it as is; sweeps and `jlstm reproduce` with `check_cache=False`,
+    since they build a missing cache themselves, once on the driver, before their runs
+    start (`jlstm eval` reads the same data with the loaded model's config instead).
+    """
     manifest = cfg.data.manifest_path()
     if not manifest.is_file():
         if not Path(cfg.data.root).is_dir():
             raise ConfigError(
-                f"data.root = {cfg.data.root!r} is not a folder and there is no manifest at "
-                f"{manifest}: set data.root to the dataset's folder"
+                f"data.root = {cfg.data.root!r} ({cfg.data.dataset}) is not a folder and "
+                f"there is no manifest at {manifest}: set data.root to the dataset's folder "
+                "(--set data.root=...)"
             )
         return None  # indexed when the run starts
-    return load_run_data(cfg.data, cfg.resolve_model)
+    return load_run_data(cfg.data, cfg.resolve_model if check_cache else None)
 
 
 def check_bad_clips(cfg: JlstmConfig, run_id: str, result: ray.train.Result) -> None:

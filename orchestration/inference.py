@@ -32,7 +32,8 @@ from orchestration.worker import SETUP_KEY, EvalSetup, eval_loop_per_worker
 
 def evaluate_model(model_uri: str, cfg: JlstmConfig, out_dir: str | Path) -> dict[str, float]:
     """Score every test clip of `cfg.data` with the model at `model_uri` on the cluster's
-    `cluster.num_workers` workers; write the report into `out_dir`; return the metrics."""
+    workers (`cluster.num_workers`, or as many as fit of an elastic range); write the
+    report into `out_dir`; return the metrics."""
     tracking.connect()
     loaded = registry.load_model(model_uri)
     init_ray()
@@ -56,7 +57,8 @@ def evaluate_distributed(
     out_dir: str | Path,
     run: RunData | None = None,
 ) -> dict[str, float]:
-    """Every test clip scored once, spread over `cfg.cluster.num_workers` Ray Train workers.
+    """Every test clip scored once, spread over the planned Ray Train workers (a fixed
+    number: as many of an elastic `cluster.min_workers..num_workers` as fit now).
 
     The workers are placed by the resource planner like a training run's; rank 0 gathers
     the clip predictions and computes the metrics (`eval_loop_per_worker`). The report
@@ -65,18 +67,18 @@ def evaluate_distributed(
     plan = plan_run(cfg)
     run = run or load_run_data(cfg.data, lambda num_classes: model_cfg)
     val = build_datasets(
-        cfg.data, model_cfg, eval_workers=cfg.cluster.num_workers, run_data=run
+        cfg.data, model_cfg, eval_workers=plan.num_workers, run_data=run
     )["val"]
     test_videos = run.test_videos
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={SETUP_KEY: EvalSetup(
             model_cfg, names, ray.put({k: v.cpu() for k, v in state_dict.items()}),
-            max(1, cfg.train.batch_size // cfg.cluster.num_workers),
+            max(1, cfg.train.batch_size // plan.num_workers),
             clip_readers(cfg.data, model_cfg, run.cache_key)["val"], test_videos,
         )},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.num_workers,
+            num_workers=plan.num_workers,
             use_gpu=cfg.cluster.use_gpu,
             resources_per_worker=plan.worker_resources(),
         ),

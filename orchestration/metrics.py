@@ -1,8 +1,9 @@
 """Every metric a run reports, by name, in one place; what is printed and plotted of them.
 
 A training epoch reports, from all workers (`worker`): the loss terms, the training
-clips' top-1, throughput and failed clips; from the evaluation (rank 0, over every
-worker's shard of the test clips): the paper's figures with the `val_` prefix
+clips' top-1, throughput and failed clips, its world size, steps and global batch; from
+the evaluation (rank 0, over every worker's shard of the test clips): the paper's figures
+with the `val_` prefix
 (`evaluate.EvalReport.metrics`: clip and video top-1, top-5 and mean-class accuracy, by
 vote and by prob), failed clips, videos scored, and on synthetic data the attention on
 the moving square. `epoch_metrics` puts one epoch's together. Ray Train's controller
@@ -26,6 +27,12 @@ TRAIN_CLIP_TOP1 = "train_clip_top1"
 TRAIN_CLIPS_PER_S = "train_clips_per_s"
 TRAIN_BAD_CLIPS = "train_bad_clips"
 TRAIN_BAD_FRACTION = "train_bad_clip_fraction"
+# The epoch's shape, logged so a resize of an elastic run shows (`orchestration.batching`):
+# the workers that trained it, its optimizer steps and the clips a step (the same at every
+# world size).
+WORLD_SIZE = "world_size"
+TRAIN_STEPS = "train_steps"
+TRAIN_GLOBAL_BATCH = "train_global_batch"
 
 # The paper's figure (MODEL_SPEC "prediction": a video's label is the vote of its clips):
 # what the champion, sweeps and the paper's tables compare.

@@ -25,7 +25,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from orchestration.config import ClusterConfig
 from orchestration.errors import ConfigError
@@ -70,7 +70,7 @@ class ResourcePlan:
 
     fits: bool
     reason: str
-    num_workers: int
+    num_workers: int  # the workers placed: the most of [min_workers, max_workers] that fit
     cpus_per_worker: float
     gpus_per_worker: float
     concurrent_runs: int
@@ -78,6 +78,16 @@ class ResourcePlan:
     workers: list[WorkerPlacement]  # the first run's workers
     data_cpus: float  # CPUs no bundle holds, for Ray Data (0 when it does not fit)
     nodes: list[NodeShape] = field(default_factory=list)
+    min_workers: int = 0  # an elastic run's range (both num_workers when the size is fixed)
+    max_workers: int = 0
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.max_workers
+
+    def scaling_workers(self) -> int | tuple[int, int]:
+        """`ScalingConfig.num_workers`: the fixed size, or an elastic run's (min, max)."""
+        return (self.min_workers, self.max_workers) if self.elastic else self.num_workers
 
     def worker_resources(self) -> dict[str, float]:
         """`ScalingConfig.resources_per_worker` of this plan."""
@@ -182,15 +192,35 @@ def plan_resources(
 ) -> ResourcePlan:
     """Size and place the training workers of up to `max_runs` concurrent runs on `nodes`.
 
-    Never raises for a plan that does not fit: the plan says `fits=False` and why, naming
-    the node shapes and the numbers (`require_fit` turns that into a ConfigError).
+    An elastic run (`cluster.min_workers` below `num_workers`) is placed with the most
+    workers that fit, down to `min_workers`: Ray Train starts it at that size and grows it
+    when nodes come. Never raises for a plan that does not fit: the plan says `fits=False`
+    and why, naming the node shapes and the numbers (`require_fit` turns that into a
+    ConfigError).
     """
-    workers = cluster.num_workers
+    fewest, most = cluster.fewest_workers, cluster.num_workers
+    for workers in range(most, fewest - 1, -1):
+        plan = _plan_workers(cluster, workers, decode_cpus, nodes, max_runs, trial_cpus)
+        if plan.fits:
+            break
+    return replace(plan, min_workers=fewest, max_workers=most)
+
+
+def _plan_workers(
+    cluster: ClusterConfig,
+    workers: int,
+    decode_cpus: float,
+    nodes: Sequence[NodeShape],
+    max_runs: int,
+    trial_cpus: float,
+) -> ResourcePlan:
+    """The plan of `plan_resources` for exactly `workers` workers per run."""
     gpus = 1.0 if cluster.use_gpu else 0.0
     reserve = max(decode_cpus, DATA_PIPELINE_MIN_CPUS)
     total_cpus = sum(n.cpus for n in nodes)
     total_gpus = sum(n.gpus for n in nodes)
     shape = describe_nodes(nodes) or "no nodes"
+    key = "cluster.num_workers" if workers == cluster.num_workers else "cluster.min_workers"
 
     def fits(runs: int, cpus: float) -> _Placement | None:
         placed = _place(nodes, runs, workers, cpus, gpus, trial_cpus)
@@ -204,9 +234,8 @@ def plan_resources(
 
     if gpus and total_gpus < workers * gpus:
         return refuse(
-            f"cluster.num_workers = {workers} workers of 1 GPU each need {workers} GPUs; the "
-            f"nodes ({shape}) have {total_gpus:g}: set cluster.num_workers <= "
-            f"{int(total_gpus)} or add GPU nodes",
+            f"{key} = {workers} workers of 1 GPU each need {workers} GPUs; the nodes ({shape}) "
+            f"have {total_gpus:g}: set {key} <= {int(total_gpus)} or add GPU nodes",
             cluster.cpus_per_worker or GPU_WORKER_CPUS,
         )
     fixed = cluster.cpus_per_worker or (GPU_WORKER_CPUS if gpus else None)
@@ -228,7 +257,7 @@ def plan_resources(
         cpus = lo / _STEP
     placed = fits(runs, cpus) if cpus > 0 else None
     if placed is None:
-        return refuse(_why_not(nodes, shape, workers, cpus, gpus, reserve, decode_cpus,
+        return refuse(_why_not(nodes, shape, workers, key, cpus, gpus, reserve, decode_cpus,
                                trial_cpus, fixed is None), cpus)
     used = placed.worker_nodes[:workers]
     return ResourcePlan(
@@ -240,7 +269,7 @@ def plan_resources(
 
 
 def _why_not(
-    nodes: Sequence[NodeShape], shape: str, workers: int, cpus: float, gpus: float,
+    nodes: Sequence[NodeShape], shape: str, workers: int, key: str, cpus: float, gpus: float,
     reserve: float, decode_cpus: float, trial_cpus: float, auto: bool,
 ) -> str:
     """The one line that says which number does not fit which node shape."""
@@ -250,12 +279,12 @@ def _why_not(
     driver = f" and a {trial_cpus:g}-CPU trial driver" if trial_cpus else ""
     if auto:
         return (f"{workers} training workers{driver} plus {data} do not fit the nodes "
-                f"({shape}): lower cluster.num_workers or data.decode_cpus")
+                f"({shape}): lower {key} or data.decode_cpus")
     if not any(n.cpus + _EPS >= cpus and n.gpus + _EPS >= gpus for n in nodes):
         return (f"a worker bundle of {bundle} (cluster.cpus_per_worker = {cpus:g}) fits no "
                 f"single node ({shape}): lower cluster.cpus_per_worker")
     return (f"{workers} workers x ({bundle}){driver} plus {data} do not fit the nodes "
-            f"({shape}): lower cluster.num_workers or cluster.cpus_per_worker")
+            f"({shape}): lower {key} or cluster.cpus_per_worker")
 
 
 def require_fit(plan: ResourcePlan) -> ResourcePlan:

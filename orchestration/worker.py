@@ -32,6 +32,7 @@ from torch import nn
 from data_shards.datasets import ClipReader, iter_clip_batches
 from data_shards.targets import TargetCells
 from model import JointAttentionNet, ModelConfig, clip_scores
+from orchestration.batching import rank_batch_sizes, rank_loss_weight, steps_per_epoch
 from orchestration.checkpoint import Checkpointer, TrainState
 from orchestration.config import JlstmConfig
 from orchestration.epoch_logger import start_system_metrics
@@ -43,16 +44,26 @@ from orchestration.metrics import (
     TRAIN_BAD_FRACTION,
     TRAIN_CLIP_TOP1,
     TRAIN_CLIPS_PER_S,
+    TRAIN_GLOBAL_BATCH,
+    TRAIN_STEPS,
     VAL_BAD_CLIPS,
     VAL_SECONDS,
     VAL_VIDEOS_SCORED,
     VAL_VIDEOS_UNSCORED,
     VAL_WORKER_CLIPS_MIN,
+    WORLD_SIZE,
     epoch_metrics,
     eval_metric,
     loss_metric,
 )
-from orchestration.step import BadClip, autocast, build_optimizer, to_batch, train_step
+from orchestration.step import (
+    BadClip,
+    Batch,
+    autocast,
+    build_optimizer,
+    to_batch,
+    train_step,
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,7 @@ class WorkerSetup:
     model_config: ModelConfig  # resolved: the dataset's number of classes
     class_names: list[str]
     test_videos: int  # the split's test videos (a video none of whose clips scored counts)
+    train_clips: int  # clips in an epoch: its optimizer steps at any world size (`batching`)
     # What each dataset's consumer applies per batch: reads the cached taps here, in the
     # worker (`data_shards.datasets.iter_clip_batches`), or None for decoded frames.
     readers: dict[str, ClipReader | None]
@@ -100,8 +112,9 @@ class WorkerTrainer:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        torch.manual_seed(self.cfg.train.seed + self.rank)
-        random.seed(self.cfg.train.seed + self.rank)
+        # The same initial weights on every rank, whatever the world size (DDP also
+        # broadcasts rank 0's); a restored checkpoint replaces them.
+        torch.manual_seed(self.cfg.train.seed)
         # On the device before the optimizer exists, so restored optimizer state lands
         # beside it.
         self.model = JointAttentionNet(setup.model_config).to(self.device)
@@ -113,12 +126,16 @@ class WorkerTrainer:
             self.model.load_state_dict(state.model)
             self.optimizer.load_state_dict(state.optimizer)
             self.scheduler.load_state_dict(state.scheduler)
-            _set_rng_state(state.rng[self.rank % len(state.rng)])
             self.start_epoch, self.best, self.history = (
                 state.epoch, state.best_metric, state.history
             )
         self.ddp_model = ray.train.torch.prepare_model(self.model)
-        self.batch_size = max(1, self.cfg.train.batch_size // self.world)
+        # The global batch and the steps per epoch do not depend on the world size, which
+        # an elastic run changes between epochs (`orchestration.batching`).
+        global_batch = self.cfg.train.batch_size
+        self.batch_size = rank_batch_sizes(global_batch, self.world)[self.rank]
+        self.loss_weight = rank_loss_weight(global_batch, self.world, self.rank)
+        self.steps = steps_per_epoch(setup.train_clips, global_batch)
 
     def train(self) -> None:
         """Every remaining epoch: train on this worker's shard, score its shard of the test
@@ -133,15 +150,19 @@ class WorkerTrainer:
 
     def run_epoch(self, epoch: int) -> bool:
         """Train, evaluate and checkpoint epoch `epoch` (from 1); whether the run stops."""
+        seed_epoch(self.cfg.train.seed, epoch, self.rank)
         readers = self.setup.readers
         train_batches = iter_clip_batches(
             ray.train.get_dataset_shard("train"), self.batch_size, readers["train"]
         )
         train_metrics, train_failures = train_epoch(
-            self.ddp_model, self.model, train_batches, self.optimizer, self.cfg, self.device
+            self.ddp_model, self.model, train_batches, self.optimizer, self.cfg, self.device,
+            steps=self.steps, loss_weight=self.loss_weight,
         )
+        train_metrics |= {
+            WORLD_SIZE: self.world, TRAIN_GLOBAL_BATCH: self.cfg.train.batch_size,
+        }
         self.scheduler.step()
-        rng_states = _gather_all(_rng_state())
         train_failures = _gather_to_rank0(train_failures)
         # The fraction is all-reduced, so every worker takes the same decision: past
         # max_bad_fraction the epoch is checkpointed with its failed clips and the run stops
@@ -169,7 +190,6 @@ class WorkerTrainer:
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             epoch=epoch,
-            rng=rng_states,
             best_metric=self.best,
             history=self.history,
             model_config=self.setup.model_config.model_dump(mode="json"),
@@ -190,35 +210,59 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     cfg: JlstmConfig,
     device: torch.device,
+    *,
+    steps: int | None = None,
+    loss_weight: float = 1.0,
 ) -> tuple[dict[str, float], list[BadClip]]:
-    """One pass over this worker's batches: loss terms, accuracy, throughput and bad-clip
-    counts of all workers, and this worker's failed clips."""
+    """One pass over this worker's batches: loss terms, accuracy, throughput, steps and
+    bad-clip counts of all workers, and this worker's failed clips.
+
+    With `steps`, exactly that many optimizer steps (every rank the same number:
+    `orchestration.batching`): past its last batch a rank steps its last batch again with
+    a zero weight, and batches beyond `steps` stay unread. `loss_weight`: this rank's
+    share of the global batch, times the world size.
+    """
     ddp_model.train()
     sums = dict.fromkeys(LOSS_TERMS, 0.0)
-    steps = clips = correct = 0
+    taken = trained = clips = correct = 0
     failures: list[BadClip] = []
+    last: Batch | None = None
     started = time.perf_counter()
-    for rows in batches:
-        batch = to_batch(rows, device)
-        failures += batch.failures
-        # Every worker must step every batch (DDP's all-reduce), so a batch whose clips all
-        # failed to decode still runs, with its loss weighted to zero.
-        weight = 1.0 if batch.ok.any() else 0.0
-        if weight:
-            batch = batch.select(batch.ok)
+    rows_iter = iter(batches)
+    while steps is None or taken < steps:
+        rows = next(rows_iter, None)
+        if rows is None and (steps is None or last is None):
+            break  # no more batches (or, on a rank with none at all, none to step again)
+        if rows is None:
+            batch, weight = last, 0.0  # this rank's share ran out: step with no loss
+        else:
+            batch = to_batch(rows, device)
+            failures += batch.failures
+            # Every worker must step every batch (DDP's all-reduce), so a batch whose clips
+            # all failed to decode still runs, with its loss weighted to zero.
+            weight = loss_weight if batch.ok.any() else 0.0
+            if weight:
+                batch = batch.select(batch.ok)
+            last = batch
         out, losses = train_step(ddp_model, model, batch, optimizer, cfg.train.grad_clip, weight)
-        for term in LOSS_TERMS:
-            sums[term] += float(losses[term].detach())
-        steps += 1
+        taken += 1
         if weight:
+            trained += 1
+            for term in LOSS_TERMS:
+                sums[term] += float(losses[term].detach())
             scores = clip_scores(out.step_logits.detach().float(), model.cfg.last_steps, "prob")
             correct += int((scores.argmax(1) == batch.labels).sum())
             clips += len(batch.labels)
     elapsed = time.perf_counter() - started
-    local = {loss_metric(t): sums[t] / max(steps, 1) for t in LOSS_TERMS}
-    local[TRAIN_CLIP_TOP1] = correct / max(clips, 1)
-    metrics = _all_reduce(local, device, mean=True)
-    counts = _all_reduce({"ok": clips, "bad": len(failures)}, device, mean=False)
+    counts = _all_reduce(
+        {"ok": clips, "bad": len(failures), "correct": correct, "trained": trained, **sums},
+        device, mean=False,
+    )
+    # The loss terms: the mean of the batch losses of every rank's steps that trained on
+    # something (a zero-weight step's loss is not the model's).
+    metrics = {loss_metric(t): counts[t] / max(counts["trained"], 1) for t in LOSS_TERMS}
+    metrics[TRAIN_CLIP_TOP1] = counts["correct"] / max(counts["ok"], 1)
+    metrics[TRAIN_STEPS] = taken
     metrics[TRAIN_CLIPS_PER_S] = counts["ok"] / max(elapsed, 1e-9)
     metrics[TRAIN_BAD_CLIPS] = counts["bad"]
     metrics[TRAIN_BAD_FRACTION] = counts["bad"] / max(counts["ok"] + counts["bad"], 1)
@@ -358,13 +402,16 @@ def eval_loop_per_worker(loop_config: dict[str, EvalSetup]) -> None:
         )
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed this rank's random draws (dropout, ...) for `epoch` from (seed, epoch, rank).
 
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    Nothing random is carried from epoch to epoch, so an epoch draws the same whether the
+    run went on, resumed from a checkpoint, or came back at another world size (a rank
+    new to the run has no state of its own to restore)."""
+    derived = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    torch.manual_seed(derived)
+    random.seed(derived)
+    np.random.seed(derived)
 
 
 def _all_reduce(values: dict[str, float], device: torch.device, *, mean: bool) -> dict[str, float]:
@@ -376,15 +423,6 @@ def _all_reduce(values: dict[str, float], device: torch.device, *, mean: bool) -
     dist.all_reduce(tensor)
     scale = dist.get_world_size() if mean else 1
     return {k: float(v) / scale for k, v in zip(keys, tensor.tolist(), strict=True)}
-
-
-def _gather_all(value: Any) -> list[Any]:
-    """Every worker's `value`, in rank order, on every worker."""
-    if not dist.is_initialized():
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 def _gather_to_rank0(items: list[Any]) -> list[Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -43,13 +44,11 @@ def ray_cluster() -> Iterator[None]:
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def multinode_cluster() -> Iterator[object]:
-    """`ray.cluster_utils.Cluster` on loopback: a head with no CPUs and 3 worker nodes.
-
-    The driver (this process) is connected to it for the module; the session's local
-    cluster, if it was running, is started again afterwards.
-    """
+@contextmanager
+def loopback_cluster(worker_nodes: int) -> Iterator[object]:
+    """`ray.cluster_utils.Cluster` on loopback: a head with no CPUs and `worker_nodes` nodes
+    of `WORKER_NODE_CPUS`, the driver (this process) connected to it; the session's local
+    cluster, if it was running, is started again afterwards."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -67,8 +66,8 @@ def multinode_cluster() -> Iterator[object]:
         },
     )
     try:
-        for _ in range(3):
-            cluster.add_node(num_cpus=WORKER_NODE_CPUS, object_store_memory=NODE_OBJECT_STORE_BYTES)
+        for _ in range(worker_nodes):
+            add_worker_node(cluster)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
@@ -77,3 +76,17 @@ def multinode_cluster() -> Iterator[object]:
         cluster.shutdown()
         if was_running:
             _start_local_ray()
+
+
+def add_worker_node(cluster: object) -> object:
+    """One more worker node of `WORKER_NODE_CPUS` logical CPUs."""
+    return cluster.add_node(  # type: ignore[attr-defined]
+        num_cpus=WORKER_NODE_CPUS, object_store_memory=NODE_OBJECT_STORE_BYTES
+    )
+
+
+@pytest.fixture(scope="module")
+def multinode_cluster() -> Iterator[object]:
+    """A loopback cluster of 3 worker nodes (`loopback_cluster`), for the module."""
+    with loopback_cluster(3) as cluster:
+        yield cluster

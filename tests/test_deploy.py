@@ -152,6 +152,18 @@ def test_cluster_has_gpu_and_cpu_workers(cluster_config: dict[str, Any]) -> None
     assert all(t["max_workers"] > 0 for t in workers.values())
 
 
+def test_launcher_has_a_spot_gpu_group_beside_the_on_demand_one(
+    cluster_config: dict[str, Any],
+) -> None:
+    types = cluster_config["available_node_types"]
+    gpu = {n: t for n, t in types.items() if t["node_config"]["InstanceType"].startswith("g")}
+    spot = [n for n, t in gpu.items()
+            if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    assert spot and len(spot) < len(gpu), gpu  # spot beside on-demand
+    assert cluster_config["max_workers"] >= sum(t["max_workers"] for n, t in types.items()
+                                                if n != cluster_config["head_node_type"])
+
+
 # --- KubeRay -----------------------------------------------------------------------------
 
 
@@ -697,3 +709,25 @@ def test_a_read_user_loads_the_champion_but_cannot_move_it(
     # permission, not a malformed call.
     log_in(TRAINER, trained_on_server["trainer_password"])
     client.set_registered_model_alias(MODEL_NAME, "champion", "1")
+
+
+def test_rayjob_is_elastic_over_a_spot_group_with_an_on_demand_floor() -> None:
+    """The RayJob trains on 4 GPUs when its spot group has them and on the on-demand ones
+    when it has none: its --set values plan as an elastic run whose floor the on-demand
+    group holds and whose top both groups hold."""
+    from orchestration.config import load_config
+
+    (job,) = [doc for _, doc in _manifests() if doc["kind"] == "RayJob"]
+    entry = job["spec"]["entrypoint"].split()
+    overrides = [entry[i + 1] for i, word in enumerate(entry) if word == "--set"]
+    cfg = load_config(REPO / "configs" / "ucf101_late_fusion.yaml", overrides)
+    assert cfg.cluster.elastic
+    groups = {g["groupName"]: g for g in _cluster_spec(job)["workerGroupSpecs"]}
+    spot = [g for g in groups.values()
+            if "cloud.google.com/gke-spot" in g["template"]["spec"].get("nodeSelector", {})]
+    assert len(spot) == 1
+    on_demand = groups["gpu"]
+    assert on_demand["maxReplicas"] >= cfg.cluster.fewest_workers
+    assert on_demand["maxReplicas"] + spot[0]["maxReplicas"] >= cfg.cluster.num_workers
+    (cluster,) = [doc for _, doc in _manifests() if doc["kind"] == "RayCluster"]
+    assert any("nodeSelector" in g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"])

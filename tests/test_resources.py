@@ -143,3 +143,47 @@ def test_epoch_size_from_a_manifest_is_exact(tmp_path: Path) -> None:
     )
     per_frame = len(model_cfg.taps) * 512 * model_cfg.map_size**2 * 2
     assert size.cache_bytes == frames_cached * per_frame
+
+
+def test_an_elastic_run_starts_at_min_workers_where_num_workers_do_not_fit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    elastic = ["--nodes", "1x8", "2x8:1", "--set", "cluster.num_workers=4",
+               "--set", "cluster.min_workers=2"]
+    code, plan = _plan_json(capsys, *elastic)
+    assert code == 0 and plan["fits"]
+    assert (plan["num_workers"], plan["min_workers"], plan["max_workers"]) == (2, 2, 4)
+    assert len({w["node"] for w in plan["workers"]}) == 2
+    assert plan["at_min_workers"]["fits"] and not plan["at_num_workers"]["fits"]
+    assert "need 4 GPUs" in plan["at_num_workers"]["reason"]
+    # The paper's global batch of 64 at the starting size, and the same steps at any size.
+    assert plan["global_batch"] == 64 and plan["rank_batch_sizes"] == [32, 32]
+    assert main(["plan", "--config", str(PAPER), *elastic]) == 0
+    out = capsys.readouterr().out
+    assert "elastic: 2 to 4 workers; starts with 2" in out
+    assert "at cluster.num_workers = 4: not on these nodes" in out
+
+
+def test_an_elastic_run_takes_every_worker_that_fits_up_to_num_workers() -> None:
+    cluster = ClusterConfig(num_workers=4, min_workers=2, use_gpu=True)
+    plan = plan_resources(cluster, 1.0, parse_nodes(["1x8", "3x8:1"]))
+    assert plan.fits and plan.num_workers == 3 and plan.scaling_workers() == (2, 4)
+    plan = plan_resources(cluster, 1.0, parse_nodes(["1x8", "6x8:1"]))
+    assert plan.num_workers == 4
+    fixed = plan_resources(ClusterConfig(num_workers=4, use_gpu=True), 1.0,
+                           parse_nodes(["1x8", "6x8:1"]))
+    assert not fixed.elastic and fixed.scaling_workers() == 4
+
+
+def test_an_elastic_run_that_cannot_start_names_min_workers() -> None:
+    cluster = ClusterConfig(num_workers=4, min_workers=2, use_gpu=True)
+    plan = plan_resources(cluster, 1.0, parse_nodes(["1x8", "1x8:1"]))
+    assert not plan.fits
+    assert "cluster.min_workers = 2 workers of 1 GPU each need 2 GPUs" in plan.reason
+
+
+def test_min_workers_above_num_workers_is_refused_naming_both() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(PAPER, ["cluster.num_workers=2", "cluster.min_workers=3"])
+    assert "cluster.min_workers = 3" in str(err.value)
+    assert "cluster.num_workers = 2" in str(err.value)

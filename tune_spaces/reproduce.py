@@ -213,16 +213,6 @@ def _is_finished(client: MlflowClient, cfg: JlstmConfig, experiment_id: str) -> 
             and run.data.tags.get(tracking.FINISHED_TAG) == str(cfg.train.epochs))
 
 
-def _check_data(cfg: JlstmConfig) -> None:
-    """The data folder exists (or its split is indexed already): ConfigError otherwise."""
-    if not cfg.data.manifest_path().is_file() and not Path(cfg.data.root).is_dir():
-        raise ConfigError(
-            f"data.root = {cfg.data.root!r} ({cfg.data.dataset}) is not a folder and there is "
-            f"no manifest at {cfg.data.manifest_path()}: point data.root at the dataset "
-            "(--set data.root=...) or use --synthetic"
-        )
-
-
 def _synthesize(cfg: JlstmConfig) -> None:
     """Write the synthetic videos of `cfg.data.dataset` once (kept for later calls)."""
     from data_shards.synth import synthesize_dataset
@@ -274,9 +264,11 @@ def reproduce(
                            overrides=overrides)
         for k in keys
     }
-    if not synthetic:
+    if not synthetic:  # synthetic videos are written later, by `prepare_data`
+        from orchestration.driver import preflight  # Ray and torch: only when it runs
+
         for cfg in cfgs.values():
-            _check_data(cfg)
+            preflight(cfg, check_cache=False)  # the cache is built below when missing
     uri = tracking.connect()
     experiment_id = tracking.get_or_create_experiment(experiment)
     client = MlflowClient()
@@ -326,7 +318,7 @@ def _schedule(
         tuner = tune.Tuner(
             tune.with_resources(
                 tune.with_parameters(
-                    run_reproduce_trial, runs=runs, tracking_uri=uri,
+                    run_reproduce_trial, runs=runs, plan=plan, tracking_uri=uri,
                     experiment_id=experiment_id, parent_run_id=parent,
                 ),
                 {"CPU": TRIAL_CPUS},

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from orchestration import tracking
 from orchestration.config import validate_config
 from orchestration.driver import check_bad_clips, finish_run, finishing_data
+from orchestration.resources import ResourcePlan
 from tune_spaces.trial import finished_checkpoint, fit_run
 
 RUN_KEY = "run"  # the Tune config key: the run's name, a key of `runs`
@@ -27,6 +28,7 @@ PARENT_TAG = "mlflow.parentRunId"
 def run_reproduce_trial(
     config: dict[str, Any],
     runs: dict[str, dict[str, Any]],
+    plan: ResourcePlan,
     tracking_uri: str,
     experiment_id: str,
     parent_run_id: str,
@@ -34,7 +36,8 @@ def run_reproduce_trial(
     """Tune trainable: train (or resume) and finish the run `config[RUN_KEY]`.
 
     `runs` maps each run name to its validated config as a mapping (local paths absolute:
-    Tune runs trials in their own working directories).
+    Tune runs trials in their own working directories); `plan`, the resource plan made
+    once on the driver, shapes every run's workers.
     """
     import mlflow
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -52,7 +55,9 @@ def run_reproduce_trial(
             checkpoint = ray.train.Checkpoint(str(done))
             data, digest = finishing_data(cfg)
         else:
-            result, data, digest = fit_run(cfg, run_id, tracking_uri, [TuneReportCallback()])
+            result, data, digest = fit_run(
+                cfg, plan, run_id, tracking_uri, [TuneReportCallback()]
+            )
             if result.checkpoint is None:
                 raise RuntimeError(f"run {name!r} ended without a checkpoint")
             check_bad_clips(cfg, run_id, result)

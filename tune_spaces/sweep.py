@@ -24,6 +24,7 @@ from data_shards.splits import class_names
 from model.backbone import TAP_LAST_INDEX
 from orchestration import tracking
 from orchestration.config import JlstmConfig, absolute_path, validate_config
+from orchestration.driver import preflight
 from orchestration.errors import ConfigError
 from orchestration.resources import ResourcePlan, feature_pool, live_nodes
 from orchestration.session import plan_run
@@ -118,6 +119,7 @@ def run_sweep(sweep: SweepConfig, base_raw: dict[str, Any], resume: bool = False
     (Ctrl+C) before every trial finished; `resume` continues it.
     """
     base = validate_config(base_raw, source="base config")
+    preflight(base, check_cache=False)  # `ensure_cache` builds a missing cache below
     uri = tracking.connect()
     experiment_id = tracking.get_or_create_experiment(base.tracking.experiment)
     init_ray()
@@ -148,7 +150,7 @@ def run_sweep(sweep: SweepConfig, base_raw: dict[str, Any], resume: bool = False
     runs = registry(registry_name)
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, sweep=sweep, base_raw=base_raw, fixed=fixed, tracking_uri=uri,
+            run_trial, sweep=sweep, base_raw=base_raw, fixed=fixed, plan=plan, tracking_uri=uri,
             experiment_id=experiment_id, parent_run_id=parent_id, registry_name=registry_name,
         ),
         {"CPU": plan.trial_cpus},

@@ -21,7 +21,8 @@ from orchestration.checkpoint import CHECKPOINT_FILE, TrainState
 from orchestration.config import JlstmConfig, is_uri, validate_config
 from orchestration.driver import PreparedData, build_trainer, prepare_data
 from orchestration.epoch_logger import EpochLoggerCallback, MlflowEpochLogger, log_missing_epochs
-from orchestration.session import plan_run, run_storage
+from orchestration.resources import ResourcePlan
+from orchestration.session import run_storage
 from tune_spaces.release import RegisterTrainRun
 from tune_spaces.spaces import SweepConfig, trial_raw
 
@@ -34,12 +35,17 @@ def run_trial(
     sweep: SweepConfig,
     base_raw: dict[str, Any],
     fixed: dict[str, Any],
+    plan: ResourcePlan,
     tracking_uri: str,
     experiment_id: str,
     parent_run_id: str,
     registry_name: str,
 ) -> None:
-    """Tune trainable: one trial = one nested MLflow run + one TorchTrainer fit."""
+    """Tune trainable: one trial = one nested MLflow run + one TorchTrainer fit.
+
+    `plan` is the sweep's resource plan, made once on the driver (a sweep cannot vary
+    `cluster.*`, so every trial's workers have the same shape).
+    """
     import mlflow
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -51,29 +57,35 @@ def run_trial(
                              "run_name": f"{sweep.name}-{trial_id}"}),
         source=f"trial {trial_id}",
     )
-    run_id = tracking.start_run(cfg, experiment_id, parent_run_id)
-    MlflowClient().set_tag(run_id, TRIAL_TAG, trial_id)
-    finished = finished_checkpoint(cfg)
-    if finished is not None:
-        # Interrupted after this trial's Train run ended but before Tune (and maybe MLflow)
-        # took its last report: a new fit would train nothing and report nothing.
-        history = TrainState.load(finished).history
-        log_missing_epochs(MlflowEpochLogger(tracking_uri, run_id), history)
-        tune.report({**history[-1], CHECKPOINT_PATH_KEY: str(finished)})
-        return
-    callbacks = [TuneReportCallback(), RegisterTrainRun(registry_name, trial_id)]
-    fit_run(cfg, run_id, tracking_uri, callbacks)
+    # A trial ASHA stops is killed inside this block, so its run is not ended here:
+    # `finish_sweep` ends the runs still RUNNING once the Tuner returns.
+    with tracking.tracked_run(cfg, experiment_id, parent_run_id) as run:
+        MlflowClient().set_tag(run.run_id, TRIAL_TAG, trial_id)
+        finished = finished_checkpoint(cfg)
+        if finished is not None:
+            # Interrupted after this trial's Train run ended but before Tune (and maybe
+            # MLflow) took its last report: a new fit would train nothing and report nothing.
+            history = TrainState.load(finished).history
+            log_missing_epochs(MlflowEpochLogger(tracking_uri, run.run_id), history)
+            tune.report({**history[-1], CHECKPOINT_PATH_KEY: str(finished)})
+            return
+        callbacks = [TuneReportCallback(), RegisterTrainRun(registry_name, trial_id)]
+        fit_run(cfg, plan, run.run_id, tracking_uri, callbacks)
 
 
 def fit_run(
-    cfg: JlstmConfig, run_id: str, tracking_uri: str, callbacks: list[ray.train.UserCallback]
+    cfg: JlstmConfig,
+    plan: ResourcePlan,
+    run_id: str,
+    tracking_uri: str,
+    callbacks: list[ray.train.UserCallback],
 ) -> tuple[ray.train.Result, PreparedData, str]:
-    """Fit `cfg`'s TorchTrainer inside a Tune trial, each epoch logged to MLflow run `run_id`.
+    """Fit `cfg`'s TorchTrainer inside a Tune trial, its workers shaped by the driver's
+    `plan`, each epoch logged to MLflow run `run_id`.
 
     Shared by sweep trials and `jlstm reproduce` runs. Returns the Train result, the
     prepared data and the dataset digest, which `finish_run` takes.
     """
-    plan = plan_run(cfg)
     data = prepare_data(cfg)
     digest = tracking.log_run_inputs(cfg, run_id, data.model_cfg, data.run)
     callbacks = [EpochLoggerCallback(MlflowEpochLogger(tracking_uri, run_id)), *callbacks]
