@@ -224,6 +224,10 @@ class TrackedRun:
         """End FAILED even though no exception left the block (some of its work failed)."""
         self.status = "FAILED"
 
+    def interrupt(self) -> None:
+        """End KILLED: the user stopped the work, which a later call resumes."""
+        self.status = "KILLED"
+
 
 @contextmanager
 def tracked_run(
@@ -235,11 +239,14 @@ def tracked_run(
 ) -> Iterator[TrackedRun]:
     """The one lifecycle of an MLflow run: start or resume the run of `cfg` in
     `experiment_id` (`start_run`), or take the started `run_id`; end it FINISHED, or FAILED
-    when the block raises (then the error goes on) or calls `fail()`."""
+    when the block raises (then the error goes on) or calls `fail()`, or KILLED when it
+    calls `interrupt()`."""
     if run_id is None:
         if cfg is None or experiment_id is None:
             raise ValueError("tracked_run needs cfg and experiment_id, or run_id")
         run_id = start_run(cfg, experiment_id, parent_run_id)
+    else:  # a parent taken up again (a resumed sweep, a second reproduce call)
+        MlflowClient().update_run(run_id, status="RUNNING")
     run = TrackedRun(run_id)
     try:
         yield run
@@ -250,7 +257,8 @@ def tracked_run(
 
 
 def end_run(run_id: str, status: str) -> None:
-    """Mark a run FINISHED or FAILED; best effort (the server may be the thing that failed)."""
+    """Mark a run FINISHED, FAILED or KILLED; best effort (the server may be the thing that
+    failed)."""
     try:
         MlflowClient().set_terminated(run_id, status)
     except Exception as err:  # ending the run must not hide the error that ended it

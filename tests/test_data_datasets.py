@@ -45,8 +45,12 @@ def _expected_clips(cfg: DataConfig, subset: str, stride: int) -> list[tuple[int
 
 def _consume_split(ds, equal: bool) -> list[list[tuple[int, int]]]:
     """Iterate the 2 shards of `ds` concurrently, as 2 Ray Train workers would."""
-    shards = ds.streaming_split(2, equal=equal)
-    seen: list[list[tuple[int, int]]] = [[], []]
+    return _consume_shards(ds.streaming_split(2, equal=equal))
+
+
+def _consume_shards(shards: list) -> list[list[tuple[int, int]]]:
+    """(video, clip start) of every row of each shard, iterated concurrently."""
+    seen: list[list[tuple[int, int]]] = [[] for _ in shards]
 
     def consume(rank: int) -> None:
         for batch in shards[rank].iter_batches(batch_size=3):
@@ -55,7 +59,7 @@ def _consume_split(ds, equal: bool) -> list[list[tuple[int, int]]]:
                 zip(batch["video_id"].tolist(), batch["clip_start"].tolist(), strict=True)
             )
 
-    threads = [threading.Thread(target=consume, args=(rank,)) for rank in (0, 1)]
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(len(shards))]
     for t in threads:
         t.start()
     for t in threads:
@@ -93,6 +97,31 @@ def test_eval_shards_for_2_workers_cover_every_clip_exactly_once(
     assert abs(len(first) - len(second)) <= 5, (len(first), len(second))
     assert not set(first) & set(second)
     assert sorted(first + second) == sorted(expected)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_the_data_config_shards_each_dataset_as_ray_train_v2_asks(
+    data_cfg: DataConfig, world_size: int
+) -> None:
+    """Ray Train V2 configures one dataset per call, without worker handles, at each start
+    of a worker group, whose size an elastic run changes: at any size the test clips are
+    scored exactly once and the training clips split evenly (clips // world each)."""
+    from orchestration.driver import SplitEvalDataConfig
+
+    datasets = build_datasets(data_cfg, MODEL, eval_workers=2)
+    config = SplitEvalDataConfig()
+    shards = {
+        name: [ranks[name] for ranks in config.configure(
+            {name: ds}, world_size=world_size, worker_handles=None, worker_node_ids=None
+        )]
+        for name, ds in datasets.items()
+    }
+    val = _consume_shards(shards["val"])
+    expected = _expected_clips(data_cfg, "test", MODEL.clip_len)
+    assert sorted(clip for part in val for clip in part) == sorted(expected)
+    train = _consume_shards(shards["train"])
+    clips = len(_expected_clips(data_cfg, "train", data_cfg.train_stride))
+    assert [len(part) for part in train] == [clips // world_size] * world_size
 
 
 def test_train_shards_are_disjoint_like_ray_train_splits_them(data_cfg: DataConfig) -> None:

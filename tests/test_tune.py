@@ -350,16 +350,23 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     finished = _finished_trials(experiment)
     assert len(finished) == 1
     before = {t: _result_lines(experiment, t) for t in finished}
+    client = MlflowClient(mlflow_uri)
+    (parent,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.`jlstm.kind` = 'sweep' and attributes.run_name = 'resumed'",
+    )
+    assert parent.info.status == "KILLED"  # stopped by the user, taken up by --resume
 
     sweep, base_raw = load_sweep(sweep_path)
     result = run_sweep(sweep, base_raw, resume=True)
 
     assert not result.interrupted
+    assert result.parent_run_id == parent.info.run_id
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     assert len(result.trials) == 2 and (result.trials["epoch"] == 1).all()
     for trial_id, lines in before.items():
         # Not rerun: no new result rows, and its Train run has no newer epoch either.
         assert _result_lines(experiment, trial_id) == lines
-    client = MlflowClient(mlflow_uri)
     children = client.search_runs(
         [client.get_run(result.parent_run_id).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'",

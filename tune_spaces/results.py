@@ -19,6 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from orchestration import tracking
 from orchestration.config import JlstmConfig, validate_config
 from orchestration.driver import SplitResult, finish_run, finishing_data
 from orchestration.metrics import ATTENTION_ON_TARGET, VIDEO_TOP1_VOTE, loss_metric
@@ -82,11 +83,12 @@ def finish_sweep(
     for row in table.itertuples():
         if row.mlflow_run_id:
             client.set_tag(row.mlflow_run_id, STATUS_TAG, _status(row))
-            # A trial ASHA stopped (or that failed) never returned to close its own run.
-            if client.get_run(row.mlflow_run_id).info.status == "RUNNING":
-                client.set_terminated(
-                    row.mlflow_run_id, "FAILED" if row.status == "error" else "FINISHED"
-                )
+            # The grid says how each trial ended. A trial ASHA stopped was torn down inside
+            # its `tracked_run`: left RUNNING, or ended FAILED when Train's fit raised as
+            # Tune stopped it; it ran its epochs and ends FINISHED.
+            wanted = "FAILED" if row.status == "error" else "FINISHED"
+            if client.get_run(row.mlflow_run_id).info.status != wanted:
+                tracking.end_run(row.mlflow_run_id, wanted)
     best = grid.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="last",
                                 filter_nan_and_inf=True)
     if best.error is not None or CHECKPOINT_PATH_KEY not in best.metrics:
@@ -204,7 +206,6 @@ def _log_parent(
         )
         for artifact in (table, best, plot, curves):
             client.log_artifact(parent_id, str(artifact))
-    client.set_terminated(parent_id, "FINISHED")
 
 
 def _epoch_curves(

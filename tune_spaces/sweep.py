@@ -171,9 +171,13 @@ def run_sweep(sweep: SweepConfig, base_raw: dict[str, Any], resume: bool = False
                 callbacks=[ReleaseEndedTrainRuns(registry_name)],
             ),
         )
-    grid = tuner.fit()
-    ray.kill(runs)
-    return finish_sweep(sweep, base, base_raw, grid, uri, parent_id, path)
+    with tracking.tracked_run(run_id=parent_id) as parent:
+        grid = tuner.fit()
+        ray.kill(runs)
+        result = finish_sweep(sweep, base, base_raw, grid, uri, parent_id, path)
+        if result.interrupted:
+            parent.interrupt()  # --resume takes the same parent run up again
+    return result
 
 
 def _tune_config(sweep: SweepConfig, base: JlstmConfig, plan: ResourcePlan) -> tune.TuneConfig:
