@@ -25,7 +25,8 @@ import math
 
 
 def rank_batch_sizes(global_batch: int, world_size: int) -> list[int]:
-    """Each rank's clips per step; they sum to `global_batch` (at least 1 each)."""
+    """Each rank's clips per step: they sum to `global_batch`, or are 1 each when there
+    are more ranks than that."""
     if global_batch < world_size:
         return [1] * world_size  # more workers than clips a step: one each
     base, extra = divmod(global_batch, world_size)

@@ -83,6 +83,7 @@ class ResourcePlan:
 
     @property
     def elastic(self) -> bool:
+        """Whether Ray Train may resize the run between `min_workers` and `max_workers`."""
         return self.min_workers < self.max_workers
 
     def scaling_workers(self) -> int | tuple[int, int]:

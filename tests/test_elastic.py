@@ -28,7 +28,7 @@ from tiny_run import tiny_config
 
 from data_shards.datasets import train_clip_table
 from data_shards.synth import synthesize_dataset
-from orchestration import registry
+from orchestration import registry, tracking
 from orchestration.batching import steps_per_epoch
 from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, validate_config
@@ -79,14 +79,10 @@ def _history(run_id: str, metric: str) -> list[tuple[int, float, int]]:
     return sorted((m.step, m.value, m.timestamp) for m in values)
 
 
-def _run_id(experiment: str, run_name: str) -> str | None:
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs([found.experiment_id],
-                              f"attributes.run_name = '{run_name}'")
-    return runs[0].info.run_id if runs else None
+def _run_id(cfg: JlstmConfig) -> str | None:
+    """The MLflow run of `cfg` once the driver has started it."""
+    experiment = MlflowClient().get_experiment_by_name(cfg.tracking.experiment)
+    return tracking.find_run(cfg, experiment.experiment_id) if experiment else None
 
 
 def _elastic_config(tmp_path: Path, run_name: str, epochs: int, **cluster: Any) -> JlstmConfig:
@@ -111,7 +107,7 @@ def test_a_run_shrinks_when_a_node_is_lost_and_grows_back_when_one_comes(
     cfg = _elastic_config(tmp_path, "elastic", EPOCHS, max_failures=3)
     started = time.monotonic()
     run = Background(lambda: train_split(cfg))
-    run_id = _wait_for(lambda: _run_id("test-elastic", "elastic"), 300, "the MLflow run")
+    run_id = _wait_for(lambda: _run_id(cfg), 300, "the MLflow run")
 
     # Shrink: once an epoch trained on 2 workers is logged, remove one of their nodes.
     _wait_for(lambda: _history(run_id, WORLD_SIZE), 400, "the first epoch")
@@ -184,7 +180,7 @@ def test_a_preempted_node_counts_apart_from_failures(
     cfg = _elastic_config(tmp_path, "preempted", epochs, max_failures=0,
                           max_preemption_failures=1)
     run = Background(lambda: train_split(cfg))
-    run_id = _wait_for(lambda: _run_id("test-elastic", "preempted"), 300, "the MLflow run")
+    run_id = _wait_for(lambda: _run_id(cfg), 300, "the MLflow run")
     _wait_for(lambda: _history(run_id, WORLD_SIZE), 400, "the first epoch")
     nodes = _live_worker_group_nodes()
     victim = next(n for n in elastic_cluster.worker_nodes if n.node_id in nodes)
