@@ -1,15 +1,19 @@
 """One training step of the paper's config on one device: time, clips/s, TFLOP/s, MFU, data wait.
 
-Two input modes, each stepped by `orchestration.step.train_step` (bf16 autocast on
-CUDA) with the optimizer of `build_optimizer`:
+Two input modes, each stepped as a training worker steps it (bf16 autocast on CUDA):
+eagerly (`orchestration.step.train_step`), or with `train.cuda_graphs` (auto: where CUDA
+is; `--set train.cuda_graphs=off` for eager there) as a replay of the step captured as one
+CUDA graph (`orchestration.graphed_step.GraphedTrainStep`, its fused capturable AdamW):
 
   cached_taps      frozen VGG16; the input is the feature cache's fp16 taps (taps_<name>)
   finetune_frames  model.backbone = finetune; uint8 frames through `to_batch` (normalize_frames),
                    VGG16 trained too
 
 Per mode, first on synthetic tensors already on the device (no data pipeline): median and
-p90 step seconds after --warmup steps, clips/s, FLOPs per step (FlopCounterMode over one
-forward+backward on the meta device: shapes only, counted once, outside the timed steps),
+p90 step seconds after --warmup steps, clips/s (and `with_host_copy`: the same step with
+the batch copied from host memory first, as a worker pays it), FLOPs per step
+(FlopCounterMode over one forward+backward on the meta device: shapes only, counted once,
+outside the timed steps),
 achieved TFLOP/s and MFU against the device's dense bf16 peak. Then the same step fed by
 the real Ray Data pipeline (`build_datasets(...)["train"]`, iterated in this process on a
 local Ray) over a small synthetic video dataset (feature cache built for cached_taps, videos
@@ -39,6 +43,7 @@ import re
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +54,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model import JointAttentionNet, ModelConfig
 from orchestration.config import JlstmConfig, load_config
-from orchestration.step import Batch, build_optimizer, to_batch, train_step
+from orchestration.graphed_step import WARMUP_STEPS, GraphedTrainStep, use_cuda_graphs
+from orchestration.step import (
+    Batch,
+    EagerTrainStep,
+    bad_clips,
+    build_optimizer,
+    ok_rows,
+    to_batch,
+    train_step,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -110,8 +124,8 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def synthetic_batch(model_cfg: ModelConfig, mode: str, size: int, device: torch.device) -> Batch:
-    """Rows as the pipeline yields them (non-negative fp16 taps, or uint8 frames) -> Batch."""
+def synthetic_rows(model_cfg: ModelConfig, mode: str, size: int) -> dict[str, np.ndarray]:
+    """Rows as the pipeline yields them: non-negative fp16 taps, or uint8 frames."""
     rng = np.random.default_rng(0)
     t, k, s = model_cfg.clip_len, model_cfg.map_size, model_cfg.frame_size
     rows: dict[str, np.ndarray] = {
@@ -124,7 +138,7 @@ def synthetic_batch(model_cfg: ModelConfig, mode: str, size: int, device: torch.
             rows[f"taps_{tap}"] = rows[f"taps_{tap}"].astype(np.float16)
     else:
         rows["frames"] = rng.integers(0, 256, (size, t, s, s, 3), dtype=np.uint8)
-    return to_batch(rows, device)
+    return rows
 
 
 def count_flops(model_cfg: ModelConfig, batch: Batch) -> int:
@@ -144,11 +158,11 @@ def count_flops(model_cfg: ModelConfig, batch: Batch) -> int:
 
 
 def build_net(
-    model_cfg: ModelConfig, cfg: JlstmConfig, device: torch.device
+    model_cfg: ModelConfig, cfg: JlstmConfig, device: torch.device, *, graphed: bool = False
 ) -> tuple[JointAttentionNet, torch.optim.Optimizer]:
     torch.manual_seed(cfg.train.seed)
     net = JointAttentionNet(model_cfg).to(device).train()
-    optimizer, _ = build_optimizer(net, cfg.train)
+    optimizer, _ = build_optimizer(net, cfg.train, graph_device=device if graphed else None)
     return net, optimizer
 
 
@@ -162,11 +176,11 @@ def step_figures(times: list[float], batch_size: int) -> dict[str, float]:
 
 
 def profile_steps(
-    net: JointAttentionNet, batch: Batch, optimizer: torch.optim.Optimizer, cfg: JlstmConfig,
-    device: torch.device, steps: int = PROFILE_STEPS,
+    run_step: Callable[[], Any], device: torch.device, steps: int = PROFILE_STEPS
 ) -> dict[str, Any]:
-    """Where one step's time goes (torch.profiler over `steps` steps): the device's busy
-    share of the wall time, kernels launched per step, and the top ops by self device
+    """Where one step's time goes (torch.profiler over `steps` calls of `run_step`): the
+    device's busy share of the wall time, kernels run and launch calls made per step (a
+    graph replay runs its kernels with one cudaGraphLaunch), and the top ops by self device
     time (self CPU time on a CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -176,12 +190,14 @@ def profile_steps(
     started = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            train_step(net, net, batch, optimizer, cfg.train.grad_clip)
+            run_step()
         sync(device)
     wall = time.perf_counter() - started
     events = prof.key_averages()
     self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     kernels = [e for e in prof.events() if cuda and e.device_type.name == "CUDA"]
+    launches = [e.name for e in prof.events() if cuda and "Launch" in e.name
+                and e.device_type.name == "CPU"]
     busy_us = sum(self_time(e) for e in events)
     top = sorted(events, key=self_time, reverse=True)[:PROFILE_TOP]
     return {
@@ -189,6 +205,10 @@ def profile_steps(
         "wall_s_per_step": round(wall / steps, 4),
         "device_busy_share": round(busy_us / 1e6 / wall, 4) if cuda else None,
         "kernels_per_step": round(len(kernels) / steps) if cuda else None,
+        "launch_calls_per_step": round(len(launches) / steps, 1) if cuda else None,
+        "graph_launches_per_step": (
+            round(sum("GraphLaunch" in n for n in launches) / steps, 1) if cuda else None
+        ),
         "top_ops": [
             {"op": e.key, "calls_per_step": round(e.count / steps, 1),
              "self_ms_per_step": round(self_time(e) / 1e3 / steps, 3)}
@@ -197,26 +217,57 @@ def profile_steps(
     }
 
 
+def timed(
+    run_step: Callable[[], Any], device: torch.device, warmup: int, steps: int
+) -> list[float]:
+    """Seconds of each of `steps` calls of `run_step` after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        run_step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def synthetic_run(
     model_cfg: ModelConfig, cfg: JlstmConfig, mode: str, batch_size: int,
     device: torch.device, args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """Step timing on one batch already on the device; FLOPs, TFLOP/s and MFU."""
-    net, optimizer = build_net(model_cfg, cfg, device)
-    batch = synthetic_batch(model_cfg, mode, batch_size, device)
+    """Step timing on one batch already on the device (eager `train_step`, or a replay of
+    the graphed step with `train.cuda_graphs`); then the same step with the batch's copy
+    from host memory (`EagerTrainStep.step`, `GraphedTrainStep.step`: what a training
+    worker pays); FLOPs, TFLOP/s and MFU."""
+    graphed = use_cuda_graphs(cfg.train, device)
+    net, optimizer = build_net(model_cfg, cfg, device, graphed=graphed)
+    rows = synthetic_rows(model_cfg, mode, batch_size)
+    batch = to_batch(rows, device)
     flops = count_flops(model_cfg, batch)
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync(device)
-        start = time.perf_counter()
-        train_step(net, net, batch, optimizer, cfg.train.grad_clip)
-        sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    out: dict[str, Any] = {"backbone": model_cfg.backbone, "batch_size": batch_size}
+    warmup = max(args.warmup, WARMUP_STEPS + 1) if graphed else args.warmup
+    step: EagerTrainStep | GraphedTrainStep
+    if graphed:
+        step = GraphedTrainStep(net, optimizer, cfg.train, device, batch_size, ddp=False)
+        step.step(rows, 1.0)  # fills the input buffers
+
+        def run_step() -> None:
+            step.step_again(1.0)
+    else:
+        step = EagerTrainStep(net, net, optimizer, cfg.train.grad_clip, device)
+
+        def run_step() -> None:
+            train_step(net, net, batch, optimizer, cfg.train.grad_clip)
+    times = timed(run_step, device, warmup, args.steps)
+    out: dict[str, Any] = {"backbone": model_cfg.backbone, "batch_size": batch_size,
+                           "cuda_graphs": graphed}
     out |= step_figures(times, batch_size)
+    with_copy = timed(lambda: step.step(rows, 1.0), device, 1, max(3, args.steps // 2))
+    out["with_host_copy"] = step_figures(with_copy, batch_size)
+    if graphed:
+        out["graph_replays"] = step.graph_replays
     if args.profile:
-        out["profile"] = profile_steps(net, batch, optimizer, cfg, device)
+        out["profile"] = profile_steps(run_step, device)
     achieved = flops / out["step_s_median"] / 1e12
     peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     out |= {
@@ -237,8 +288,15 @@ def pipeline_run(
     training worker reads them); the wait is the time blocked in next()."""
     from data_shards.datasets import iter_clip_batches
 
-    net, optimizer = build_net(model_cfg, cfg, device)
+    graphed = use_cuda_graphs(cfg.train, device)
+    net, optimizer = build_net(model_cfg, cfg, device, graphed=graphed)
+    step = (
+        GraphedTrainStep(net, optimizer, cfg.train, device, batch_size, ddp=False) if graphed
+        else EagerTrainStep(net, net, optimizer, cfg.train.grad_clip, device)
+    )
     warmup, steps = pipeline_steps(args)  # the first batch pays the pipeline's start-up
+    if graphed:
+        warmup = max(warmup, WARMUP_STEPS + 1)
     dataset, read = source
     batches = iter_clip_batches(dataset, batch_size, read, drop_last=True)
     waits, totals, errors = [], [], []
@@ -248,11 +306,8 @@ def pipeline_run(
         if rows is None:
             break
         got = time.perf_counter()
-        batch = to_batch(rows, device)
-        errors += [f.error for f in batch.failures]
-        weight = 1.0 if batch.ok.any() else 0.0  # as train_epoch: failed clips are dropped
-        batch = batch.select(batch.ok) if weight else batch
-        train_step(net, net, batch, optimizer, cfg.train.grad_clip, weight)
+        errors += [f.error for f in bad_clips(rows)]
+        step.step(rows, 1.0 if ok_rows(rows).any() else 0.0)  # as train_epoch steps it
         sync(device)
         waits.append(got - start)
         totals.append(time.perf_counter() - start)
@@ -388,6 +443,7 @@ def main() -> None:
     workdir = args.workdir.resolve()
     overrides = [
         "model.backbone_weights=null",  # random init: timing does not depend on the weights
+        *(["cluster.use_gpu=true"] if device.type == "cuda" else []),
         f"data.root={workdir / 'data'}", f"data.feature_cache={workdir / 'features'}",
         "data.use_feature_cache=true",
         *([] if full else [f"model.{k}={v}" for k, v in REDUCED.items()]),

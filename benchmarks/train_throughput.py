@@ -59,7 +59,7 @@ from orchestration.config import JlstmConfig, load_config
 from orchestration.driver import build_trainer, prepare_data
 from orchestration.evaluate import evaluate
 from orchestration.session import plan_run
-from orchestration.step import build_optimizer
+from orchestration.step import EagerTrainStep, build_optimizer
 from orchestration.worker import predict_clips, train_epoch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,10 +234,11 @@ def _plain_epochs(
         optimizer, scheduler = build_optimizer(core, cfg.train)
         device = torch.device("cpu")
         batch = cfg.train.batch_size
+        step = EagerTrainStep(core, core, optimizer, cfg.train.grad_clip, device)
         epochs: list[dict[str, float]] = []
         for epoch in range(cfg.train.epochs):
             train_batches = iter_clip_batches(train, batch, data.readers["train"])
-            metrics, _ = train_epoch(core, core, train_batches, optimizer, cfg, device)
+            metrics, _ = train_epoch(step, train_batches, device)
             scheduler.step()
             val_batches = iter_clip_batches(data.datasets["val"], batch, data.readers["val"])
             preds, _, _ = predict_clips(core, val_batches, device)

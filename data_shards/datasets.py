@@ -5,9 +5,14 @@ table is cut into blocks of `decode_batch_size` clips and a `map_batches` stage 
 own CPU budget turns each clip row into frames (decord), on whichever node has CPUs. Cached
 taps: the rows stay clip rows and the consumer reads their taps (`clip_readers`, applied by
 `iter_clip_batches` in a background thread), one copy from the page cache or the shared
-filesystem straight into the batch. A `map_batches` read stage measured 395 MB/s of taps
-per CPU, because every batch it makes is copied into the object store and out again; the
-same read in the consumer 2.6-2.9 GB/s (benchmarks/cache_read.py). Only clip rows are ever
+filesystem straight into the batch. Measured (benchmarks/cache_read.py, 2-core machine, taps
+in the page cache): this read in the consumer delivers less per CPU than the `map_batches`
+read stage it replaced, although every batch of the stage is copied into the object store
+and out again: 1,502 against 3,263 MB/s per CPU (benchmarks/results/cache_read.json), and
+793 against 4,078 in a later run (issue 20), where a plain read of the files gave 3,564
+MB/s. The consumer's one thread also cannot use more than one CPU, and a stage can use the
+node's. Which design keeps a graphed GPU step fed is measured on the GPU machine
+(benchmarks/gpu_suite.py, stage `feed`); until then this one stays. Only clip rows are ever
 shuffled; frames and taps stream through and are never materialized as a whole.
 
 Training order: `random_shuffle` of the clip table with a `RandomSeedConfig`. With

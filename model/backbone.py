@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections.abc import Sequence
@@ -39,9 +40,16 @@ def normalize_frames(frames_uint8: Tensor) -> Tensor:
             f"{tuple(frames_uint8.shape)}"
         )
     frames = frames_uint8.permute(0, 1, 4, 2, 3).float().div_(255.0)
-    mean = frames.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = frames.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = _imagenet_stats(frames.device)
     return (frames - mean) / std
+
+
+@functools.cache
+def _imagenet_stats(device: torch.device) -> tuple[Tensor, Tensor]:
+    """ImageNet mean and std as ``[3, 1, 1]`` tensors on `device`, made once: a tensor built
+    from Python floats is a host-to-device copy, which a CUDA graph capture refuses."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    return mean, torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
 
 
 def _vgg16_features(num_modules: int) -> nn.Sequential:

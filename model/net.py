@@ -180,26 +180,43 @@ class JointAttentionNet(nn.Module):
             attention_reg=reg,
         )
 
-    def losses(self, out: ModelOutput, labels: Tensor) -> dict[str, Tensor]:
+    def losses(
+        self, out: ModelOutput, labels: Tensor, weights: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """``lstm``, ``supervision``, ``attention_reg`` and
-        ``total = lstm + alpha * (supervision + lambda * attention_reg)``."""
+        ``total = lstm + alpha * (supervision + lambda * attention_reg)``.
+
+        Each term is a mean over the clips of the batch; with ``weights`` (``[B]``, 0 or 1)
+        over the clips of weight 1 only: the padding rows of a fixed-shape batch
+        (`orchestration.graphed_step`) weigh nothing, and the terms equal those of the batch
+        without them. No host sync either way (the divisor stays a tensor).
+        """
         batch, steps, num_classes = out.step_logits.shape
-        lstm = F.cross_entropy(
-            out.step_logits.reshape(-1, num_classes), labels.repeat_interleave(steps)
-        )
+        lstm_rows = F.cross_entropy(
+            out.step_logits.reshape(-1, num_classes), labels.repeat_interleave(steps),
+            reduction="none",
+        ).view(batch, steps).mean(dim=1)
         if out.branch_logits is None:
-            supervision = out.step_logits.new_zeros(())
+            supervision_rows = out.step_logits.new_zeros(batch)
         else:
             per_step_labels = labels.view(batch, 1, 1).expand(out.branch_logits.shape[:3])
-            supervision = (
+            supervision_rows = (
                 F.cross_entropy(
                     out.branch_logits.reshape(-1, num_classes),
                     per_step_labels.reshape(-1),
-                    reduction="sum",
+                    reduction="none",
                 )
-                / batch
+                .view(batch, -1)
+                .sum(dim=1)
             )
-        attention_reg = out.attention_reg.mean()
+        if weights is None:
+            lstm, supervision = lstm_rows.mean(), supervision_rows.mean()
+            attention_reg = out.attention_reg.mean()
+        else:
+            total_weight = weights.sum().clamp_min(1.0)
+            lstm = (lstm_rows * weights).sum() / total_weight
+            supervision = (supervision_rows * weights).sum() / total_weight
+            attention_reg = (out.attention_reg * weights).sum() / total_weight
         total = lstm + self.cfg.supervision_weight * (
             supervision + self.cfg.attention_reg_weight * attention_reg
         )

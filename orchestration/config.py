@@ -35,6 +35,21 @@ class TrainConfig(_Section):
     step_size: int = Field(10, ge=1, description="epochs per 10x decay for lr_schedule=step")
     grad_clip: float | None = Field(5.0, gt=0)
     seed: int = 0
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="capture the training step as one CUDA graph (orchestration/graphed_step.py); "
+        "auto: on a CUDA device with optimizer adamw, eager elsewhere; on: refuse to run "
+        "without them",
+    )
+
+    @model_validator(mode="after")
+    def _check_cuda_graphs(self) -> TrainConfig:
+        if self.cuda_graphs == "on" and self.optimizer != "adamw":
+            raise ValueError(
+                f"train.cuda_graphs = on needs train.optimizer = adamw (got {self.optimizer!r}): "
+                "the graphed step uses fused, capturable AdamW; set cuda_graphs to auto or off"
+            )
+        return self
 
 
 class ClusterConfig(_Section):
@@ -128,6 +143,11 @@ class JlstmConfig(_Section):
         if self.variant not in VARIANTS:
             raise ValueError(
                 f"variant = {self.variant!r} is not one of {sorted(VARIANTS)}"
+            )
+        if self.train.cuda_graphs == "on" and not self.cluster.use_gpu:
+            raise ValueError(
+                "train.cuda_graphs = on needs CUDA: set cluster.use_gpu = true, or "
+                "train.cuda_graphs = auto (graphs where CUDA is) or off"
             )
         if "num_classes" in self.model:
             raise ValueError("model.num_classes is read from the dataset's manifest; remove it")

@@ -33,6 +33,9 @@ TRAIN_BAD_FRACTION = "train_bad_clip_fraction"
 WORLD_SIZE = "world_size"
 TRAIN_STEPS = "train_steps"
 TRAIN_GLOBAL_BATCH = "train_global_batch"
+# Steps of the epoch that ran as a CUDA graph replay (`graphed_step`): all of them once the
+# graph is captured, 0 on an eager step.
+TRAIN_GRAPH_REPLAYS = "train_graph_replays"
 
 # The paper's figure (MODEL_SPEC "prediction": a video's label is the vote of its clips):
 # what the champion, sweeps and the paper's tables compare.

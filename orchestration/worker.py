@@ -6,7 +6,8 @@ if there is one, then for each epoch trains on this worker's shard (`train_epoch
 this worker's shard of the test clips (`evaluate_shard`: rank 0 gathers them and computes
 the metrics), and reports the epoch's metrics with a checkpoint (`epoch_metrics`,
 `Checkpointer.save`). The helpers follow in that order; one optimizer step is
-`orchestration.step.train_step`.
+`orchestration.step.EagerTrainStep`, or on CUDA `orchestration.graphed_step.GraphedTrainStep`
+(the same step captured as one CUDA graph).
 
 Clips that fail to decode or read are counted on every worker, gathered to rank 0 and
 saved with the epoch's checkpoint (`checkpoint.Checkpointer`, logged to MLflow). When more
@@ -27,7 +28,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from data_shards.datasets import ClipReader, iter_clip_batches
 from data_shards.targets import TargetCells
@@ -37,6 +37,7 @@ from orchestration.checkpoint import Checkpointer, TrainState
 from orchestration.config import JlstmConfig
 from orchestration.epoch_logger import start_system_metrics
 from orchestration.evaluate import ClipPredictions, EvalReport, attention_on_target, evaluate
+from orchestration.graphed_step import GraphedTrainStep, use_cuda_graphs
 from orchestration.metrics import (
     ATTENTION_ON_TARGET,
     LOSS_TERMS,
@@ -45,6 +46,7 @@ from orchestration.metrics import (
     TRAIN_CLIP_TOP1,
     TRAIN_CLIPS_PER_S,
     TRAIN_GLOBAL_BATCH,
+    TRAIN_GRAPH_REPLAYS,
     TRAIN_STEPS,
     VAL_BAD_CLIPS,
     VAL_SECONDS,
@@ -58,11 +60,14 @@ from orchestration.metrics import (
 )
 from orchestration.step import (
     BadClip,
-    Batch,
+    EagerTrainStep,
     autocast,
+    bad_clips,
     build_optimizer,
+    current_lr,
+    keep_lr_kind,
+    ok_rows,
     to_batch,
-    train_step,
 )
 
 
@@ -95,6 +100,10 @@ class WorkerSetup:
 
 SETUP_KEY = "setup"
 
+# One optimizer step on a batch of rows, with the epoch's sums on the device
+# (`step.EagerTrainStep`, `graphed_step.GraphedTrainStep`).
+TrainStep = EagerTrainStep | GraphedTrainStep
+
 
 def train_loop_per_worker(loop_config: dict[str, WorkerSetup]) -> None:
     """Ray Train entry point: this worker's `WorkerTrainer`, trained."""
@@ -102,9 +111,10 @@ def train_loop_per_worker(loop_config: dict[str, WorkerSetup]) -> None:
 
 
 class WorkerTrainer:
-    """One DDP worker's part of a run. It owns the model (`model`, and `ddp_model`, the same
-    model wrapped for DDP), the optimizer and schedule, the clip readers and the
-    checkpointer; `train` is the loop, top to bottom."""
+    """One DDP worker's part of a run. It owns the model (`model`), the optimizer and
+    schedule, the training step (`train_step`: the model wrapped for DDP, stepped eagerly or
+    as a CUDA graph, `train.cuda_graphs`), the clip readers and the checkpointer; `train`
+    is the loop, top to bottom."""
 
     def __init__(self, setup: WorkerSetup) -> None:
         self.setup = setup
@@ -118,7 +128,10 @@ class WorkerTrainer:
         # On the device before the optimizer exists, so restored optimizer state lands
         # beside it.
         self.model = JointAttentionNet(setup.model_config).to(self.device)
-        self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg.train)
+        graphed = use_cuda_graphs(self.cfg.train, self.device)
+        self.optimizer, self.scheduler = build_optimizer(
+            self.model, self.cfg.train, graph_device=self.device if graphed else None
+        )
         self.checkpointer = Checkpointer()
         self.start_epoch, self.best, self.history = 0, -1.0, []
         state = self.checkpointer.restore()
@@ -126,16 +139,28 @@ class WorkerTrainer:
             self.model.load_state_dict(state.model)
             self.optimizer.load_state_dict(state.optimizer)
             self.scheduler.load_state_dict(state.scheduler)
+            keep_lr_kind(self.optimizer, self.scheduler)  # the checkpoint's run may differ
             self.start_epoch, self.best, self.history = (
                 state.epoch, state.best_metric, state.history
             )
-        self.ddp_model = ray.train.torch.prepare_model(self.model)
         # The global batch and the steps per epoch do not depend on the world size, which
         # an elastic run changes between epochs (`orchestration.batching`).
         global_batch = self.cfg.train.batch_size
         self.batch_size = rank_batch_sizes(global_batch, self.world)[self.rank]
         self.loss_weight = rank_loss_weight(global_batch, self.world, self.rank)
         self.steps = steps_per_epoch(setup.train_clips, global_batch)
+        # Built once: a graph is captured once and replayed in every epoch after.
+        self.train_step: TrainStep
+        if graphed:  # wraps DDP itself, on the stream its graph is captured on
+            self.train_step = GraphedTrainStep(
+                self.model, self.optimizer, self.cfg.train, self.device, self.batch_size,
+                ddp=self.world > 1,
+            )
+        else:
+            self.train_step = EagerTrainStep(
+                ray.train.torch.prepare_model(self.model), self.model, self.optimizer,
+                self.cfg.train.grad_clip, self.device,
+            )
 
     def train(self) -> None:
         """Every remaining epoch: train on this worker's shard, score its shard of the test
@@ -156,7 +181,7 @@ class WorkerTrainer:
             ray.train.get_dataset_shard("train"), self.batch_size, readers["train"]
         )
         train_metrics, train_failures = train_epoch(
-            self.ddp_model, self.model, train_batches, self.optimizer, self.cfg, self.device,
+            self.train_step, train_batches, self.device,
             steps=self.steps, loss_weight=self.loss_weight,
         )
         train_metrics |= {
@@ -178,7 +203,7 @@ class WorkerTrainer:
             stop = evaluated.clips_scored == 0  # the driver names the first error
         # Rank 0 holds the evaluation's metrics; the other ranks report training's alone.
         metrics, self.best = epoch_metrics(
-            epoch, self.scheduler.get_last_lr()[0], train_metrics,
+            epoch, current_lr(self.scheduler), train_metrics,
             evaluated.metrics if evaluated is not None else None, self.best,
         )
         if self.rank != 0:
@@ -204,65 +229,54 @@ class WorkerTrainer:
 
 
 def train_epoch(
-    ddp_model: nn.Module,
-    model: JointAttentionNet,
+    step: TrainStep,
     batches: Iterable[dict[str, np.ndarray]],
-    optimizer: torch.optim.Optimizer,
-    cfg: JlstmConfig,
     device: torch.device,
     *,
     steps: int | None = None,
     loss_weight: float = 1.0,
 ) -> tuple[dict[str, float], list[BadClip]]:
-    """One pass over this worker's batches: loss terms, accuracy, throughput, steps and
-    bad-clip counts of all workers, and this worker's failed clips.
+    """One pass over this worker's batches through `step` (eager or graphed): loss terms,
+    accuracy, throughput, steps and bad-clip counts of all workers, and this worker's
+    failed clips.
 
     With `steps`, exactly that many optimizer steps (every rank the same number:
     `orchestration.batching`): past its last batch a rank steps its last batch again with
     a zero weight, and batches beyond `steps` stay unread. `loss_weight`: this rank's
     share of the global batch, times the world size.
     """
-    ddp_model.train()
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
-    taken = trained = clips = correct = 0
+    step.net.train()
+    step.sums.reset()
+    replays_before = step.graph_replays
+    taken = trained = clips = 0
     failures: list[BadClip] = []
-    last: Batch | None = None
     started = time.perf_counter()
     rows_iter = iter(batches)
     while steps is None or taken < steps:
         rows = next(rows_iter, None)
-        if rows is None and (steps is None or last is None):
+        if rows is None and (steps is None or taken == 0):
             break  # no more batches (or, on a rank with none at all, none to step again)
         if rows is None:
-            batch, weight = last, 0.0  # this rank's share ran out: step with no loss
+            step.step_again()  # this rank's share ran out: step with no loss
         else:
-            batch = to_batch(rows, device)
-            failures += batch.failures
+            failures += bad_clips(rows)
             # Every worker must step every batch (DDP's all-reduce), so a batch whose clips
             # all failed to decode still runs, with its loss weighted to zero.
-            weight = loss_weight if batch.ok.any() else 0.0
-            if weight:
-                batch = batch.select(batch.ok)
-            last = batch
-        out, losses = train_step(ddp_model, model, batch, optimizer, cfg.train.grad_clip, weight)
+            weight = loss_weight if ok_rows(rows).any() else 0.0
+            clips += step.step(rows, weight)
+            trained += bool(weight)
         taken += 1
-        if weight:
-            trained += 1
-            for term in LOSS_TERMS:
-                sums[term] += float(losses[term].detach())
-            scores = clip_scores(out.step_logits.detach().float(), model.cfg.last_steps, "prob")
-            correct += int((scores.argmax(1) == batch.labels).sum())
-            clips += len(batch.labels)
+    sums = step.sums.read()  # the epoch's one wait for the device
     elapsed = time.perf_counter() - started
     counts = _all_reduce(
-        {"ok": clips, "bad": len(failures), "correct": correct, "trained": trained, **sums},
-        device, mean=False,
+        {"ok": clips, "bad": len(failures), "trained": trained, **sums}, device, mean=False,
     )
     # The loss terms: the mean of the batch losses of every rank's steps that trained on
     # something (a zero-weight step's loss is not the model's).
     metrics = {loss_metric(t): counts[t] / max(counts["trained"], 1) for t in LOSS_TERMS}
     metrics[TRAIN_CLIP_TOP1] = counts["correct"] / max(counts["ok"], 1)
     metrics[TRAIN_STEPS] = taken
+    metrics[TRAIN_GRAPH_REPLAYS] = step.graph_replays - replays_before
     metrics[TRAIN_CLIPS_PER_S] = counts["ok"] / max(elapsed, 1e-9)
     metrics[TRAIN_BAD_CLIPS] = counts["bad"]
     metrics[TRAIN_BAD_FRACTION] = counts["bad"] / max(counts["ok"] + counts["bad"], 1)

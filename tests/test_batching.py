@@ -14,7 +14,7 @@ from test_model import NUM_CLASSES, random_taps, small_net
 from orchestration.batching import rank_batch_sizes, rank_loss_weight, steps_per_epoch
 from orchestration.config import validate_config
 from orchestration.metrics import TRAIN_STEPS, loss_metric
-from orchestration.step import build_optimizer
+from orchestration.step import EagerTrainStep, build_optimizer
 from orchestration.worker import seed_epoch, train_epoch
 
 
@@ -98,8 +98,9 @@ def test_a_rank_steps_exactly_the_epochs_steps_whatever_its_share(world: int, ra
             read.append(len(rows["label"]))
             yield rows
 
+    step = EagerTrainStep(net, net, optimizer, cfg.train.grad_clip, torch.device("cpu"))
     metrics, failures = train_epoch(
-        net, net, counted(batches), optimizer, cfg, torch.device("cpu"),
+        step, counted(batches), torch.device("cpu"),
         steps=steps, loss_weight=rank_loss_weight(global_batch, world, rank),
     )
     assert metrics[TRAIN_STEPS] == steps == 3
@@ -107,8 +108,8 @@ def test_a_rank_steps_exactly_the_epochs_steps_whatever_its_share(world: int, ra
     assert sum(read) == shard  # every clip of the shard, once; filler steps read none
     # A share larger than the steps need: the batches past the last step stay unread.
     read.clear()
-    metrics, _ = train_epoch(net, net, counted(batches * 3), optimizer, cfg,
-                             torch.device("cpu"), steps=steps, loss_weight=1.0)
+    metrics, _ = train_epoch(step, counted(batches * 3), torch.device("cpu"),
+                             steps=steps, loss_weight=1.0)
     assert metrics[TRAIN_STEPS] == steps and len(read) == steps
 
 
