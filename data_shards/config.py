@@ -42,6 +42,12 @@ class DataConfig(BaseModel):
         description="uint8 halves the cache: each video's taps quantized per channel to "
         "[0, 255] x a float32 scale (taps follow a ReLU, so none is negative)",
     )
+    cache_read: Literal["worker", "stage"] = Field(
+        "worker",
+        description="who reads the cached taps: each training worker, in a background "
+        "thread (worker), or a Ray Data map_batches stage with decode_cpus CPUs a task, on "
+        "any node's CPUs (stage); data_shards/datasets.py says what each measured",
+    )
 
     @model_validator(mode="after")
     def _cache_needs_dir(self) -> DataConfig:

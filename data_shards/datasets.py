@@ -11,9 +11,11 @@ read stage it replaced, although every batch of the stage is copied into the obj
 and out again: 1,502 against 3,263 MB/s per CPU (benchmarks/results/cache_read.json), and
 793 against 4,078 in a later run (issue 20), where a plain read of the files gave 3,564
 MB/s. The consumer's one thread also cannot use more than one CPU, and a stage can use the
-node's. Which design keeps a graphed GPU step fed is measured on the GPU machine
-(benchmarks/gpu_suite.py, stage `feed`); until then this one stays. Only clip rows are ever
-shuffled; frames and taps stream through and are never materialized as a whole.
+node's: `data.cache_read: stage` reads the taps in a `map_batches` stage instead (the same
+`read_cached_batch`, the same rows, bad clips flagged alike). Which design keeps a graphed
+GPU step fed is measured on the GPU machine (benchmarks/gpu_suite.py, stage `feed`); until
+then `worker` stays the default. Only clip rows are ever shuffled; frames and taps stream
+through and are never materialized as a whole.
 
 Training order: `random_shuffle` of the clip table with a `RandomSeedConfig`. With
 `epoch_seed=None` the seed is `data_cfg.seed` and Ray reseeds on every execution, so each
@@ -144,6 +146,16 @@ def build_datasets(
         seed=_shuffle_seed(data_cfg, epoch_seed)
     )
     val = ray.data.from_arrow(eval_blocks(val_clips, data_cfg.decode_batch_size, eval_workers))
+    if data_cfg.use_feature_cache and data_cfg.cache_read == "stage":
+        reads = _cache_readers(data_cfg, model_cfg, run_data.cache_key)
+        train = train.map_batches(
+            reads["train"], batch_size=data_cfg.decode_batch_size, batch_format="numpy",
+            num_cpus=data_cfg.decode_cpus,
+        )
+        # One task per eval block, as decoding (below): every worker gets some test clips.
+        val = val.map_batches(
+            reads["val"], batch_size=None, batch_format="numpy", num_cpus=data_cfg.decode_cpus
+        )
     if not data_cfg.use_feature_cache:
         train = train.repartition(target_num_rows_per_block=data_cfg.decode_batch_size)
         train = _decoded(data_cfg, model_cfg, train, data_cfg.decode_batch_size)
@@ -159,10 +171,18 @@ def clip_readers(
     data_cfg: DataConfig, model_cfg, cache_key: dict | None = None
 ) -> dict[str, ClipReader | None]:
     """Per dataset of `build_datasets`, what its consumer applies to each batch: reading
-    the cached taps (with the cache's taps, dtype and the subset's clip grid), or None.
+    the cached taps (with the cache's taps, dtype and the subset's clip grid), or None
+    (decoded frames, or taps a `cache_read: stage` already read).
     `cache_key`: the cache's key as checked (`RunData.cache_key`), else read."""
-    if not data_cfg.use_feature_cache:
+    if not data_cfg.use_feature_cache or data_cfg.cache_read == "stage":
         return {"train": None, "val": None}
+    return _cache_readers(data_cfg, model_cfg, cache_key)
+
+
+def _cache_readers(
+    data_cfg: DataConfig, model_cfg, cache_key: dict | None
+) -> dict[str, ClipReader]:
+    """The reads of the cached taps of each dataset's clips (`read_cached_batch`)."""
     common = {
         "cache_dir": data_cfg.feature_cache,
         "cache_taps": cached_taps(data_cfg, cache_key),

@@ -100,6 +100,45 @@ def test_cache_rows_match_a_direct_backbone_forward(cached: tuple[DataConfig, Mo
                 )
 
 
+def _by_clip(rows: list[dict]) -> dict[tuple[int, int], dict]:
+    return {(int(r["video_id"]), int(r["clip_start"])): r for r in rows}
+
+
+@pytest.mark.parametrize("cache_dtype", ["float16", "uint8"])
+def test_the_read_stage_gives_the_rows_the_worker_reads(
+    cached: tuple[DataConfig, ModelConfig], tmp_path: Path, cache_dtype: str
+) -> None:
+    """`data.cache_read: stage` (a Ray Data map_batches stage) and `worker` (the consumer's
+    thread): the same clips with the same taps, scales and flags; a cut-short file's clips
+    are reported by both."""
+    data_cfg, model_cfg = cached
+    if cache_dtype == "uint8":
+        data_cfg = data_cfg.model_copy(update={
+            "cache_dtype": "uint8", "feature_cache": str(tmp_path / "features8"),
+        })
+        build_feature_cache(data_cfg, model_cfg)
+    stage_cfg = data_cfg.model_copy(update={"cache_read": "stage"})
+    assert clip_readers(stage_cfg, model_cfg) == {"train": None, "val": None}
+    for name in ("train", "val"):
+        worker, stage = _by_clip(_rows(data_cfg, model_cfg, name)), _by_clip(
+            _rows(stage_cfg, model_cfg, name)
+        )
+        assert worker.keys() == stage.keys() and len(worker) > 0
+        for clip, row in worker.items():
+            taps = [k for k in row if k.startswith(("taps_", "tap_scale_"))]
+            assert taps and row["ok"] and stage[clip]["ok"]
+            for key in taps:
+                np.testing.assert_array_equal(stage[clip][key], row[key])
+    copy = tmp_path / "cut"
+    shutil.copytree(data_cfg.feature_cache, copy)
+    victim = sorted(copy.glob("video_*.npy"))[0]
+    victim.write_bytes(victim.read_bytes()[:-1000])
+    cut = stage_cfg.model_copy(update={"feature_cache": str(copy)})
+    rows = _rows(cut, model_cfg, "train") + _rows(cut, model_cfg, "val")
+    bad = [r for r in rows if not r["ok"]]
+    assert bad and all("truncated" in r["error"] and victim.name in r["error"] for r in bad)
+
+
 def test_a_stale_cache_is_refused(cached: tuple[DataConfig, ModelConfig], tmp_path: Path) -> None:
     data_cfg, model_cfg = cached
     with pytest.raises(StaleCacheError, match="train_stride: cache has 5, config wants 3"):
