@@ -25,6 +25,9 @@ EPOCH = "epoch"
 LR = "lr"
 TRAIN_CLIP_TOP1 = "train_clip_top1"
 TRAIN_CLIPS_PER_S = "train_clips_per_s"
+# The share of the training workers' epoch time spent waiting for their next batch: above a
+# few percent the data, not the step, sets the pace.
+TRAIN_DATA_WAIT_SHARE = "train_data_wait_share"
 TRAIN_BAD_CLIPS = "train_bad_clips"
 TRAIN_BAD_FRACTION = "train_bad_clip_fraction"
 # The epoch's shape, logged so a resize of an elastic run shows (`orchestration.batching`):

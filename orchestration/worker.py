@@ -45,6 +45,7 @@ from orchestration.metrics import (
     TRAIN_BAD_FRACTION,
     TRAIN_CLIP_TOP1,
     TRAIN_CLIPS_PER_S,
+    TRAIN_DATA_WAIT_SHARE,
     TRAIN_GLOBAL_BATCH,
     TRAIN_GRAPH_REPLAYS,
     TRAIN_STEPS,
@@ -250,10 +251,13 @@ def train_epoch(
     replays_before = step.graph_replays
     taken = trained = clips = 0
     failures: list[BadClip] = []
+    waited = 0.0
     started = time.perf_counter()
     rows_iter = iter(batches)
     while steps is None or taken < steps:
+        asked = time.perf_counter()
         rows = next(rows_iter, None)
+        waited += time.perf_counter() - asked
         if rows is None and (steps is None or taken == 0):
             break  # no more batches (or, on a rank with none at all, none to step again)
         if rows is None:
@@ -269,7 +273,9 @@ def train_epoch(
     sums = step.sums.read()  # the epoch's one wait for the device
     elapsed = time.perf_counter() - started
     counts = _all_reduce(
-        {"ok": clips, "bad": len(failures), "trained": trained, **sums}, device, mean=False,
+        {"ok": clips, "bad": len(failures), "trained": trained, "waited": waited,
+         "elapsed": elapsed, **sums},
+        device, mean=False,
     )
     # The loss terms: the mean of the batch losses of every rank's steps that trained on
     # something (a zero-weight step's loss is not the model's).
@@ -278,6 +284,8 @@ def train_epoch(
     metrics[TRAIN_STEPS] = taken
     metrics[TRAIN_GRAPH_REPLAYS] = step.graph_replays - replays_before
     metrics[TRAIN_CLIPS_PER_S] = counts["ok"] / max(elapsed, 1e-9)
+    # The share of the workers' epoch time spent waiting for a batch (all ranks together).
+    metrics[TRAIN_DATA_WAIT_SHARE] = counts["waited"] / max(counts["elapsed"], 1e-9)
     metrics[TRAIN_BAD_CLIPS] = counts["bad"]
     metrics[TRAIN_BAD_FRACTION] = counts["bad"] / max(counts["ok"] + counts["bad"], 1)
     return metrics, failures

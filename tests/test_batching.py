@@ -4,6 +4,7 @@ stepping the same number of times. No Ray: the loop runs as one worker would."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from test_model import NUM_CLASSES, random_taps, small_net
 
 from orchestration.batching import rank_batch_sizes, rank_loss_weight, steps_per_epoch
 from orchestration.config import validate_config
-from orchestration.metrics import TRAIN_STEPS, loss_metric
+from orchestration.metrics import TRAIN_DATA_WAIT_SHARE, TRAIN_STEPS, loss_metric
 from orchestration.step import EagerTrainStep, build_optimizer
 from orchestration.worker import seed_epoch, train_epoch
 
@@ -111,6 +112,23 @@ def test_a_rank_steps_exactly_the_epochs_steps_whatever_its_share(world: int, ra
     metrics, _ = train_epoch(step, counted(batches * 3), torch.device("cpu"),
                              steps=steps, loss_weight=1.0)
     assert metrics[TRAIN_STEPS] == steps and len(read) == steps
+
+
+def test_the_data_wait_share_is_the_time_spent_waiting_for_batches() -> None:
+    cfg = validate_config({"data": {"dataset": "folder", "root": "."}})
+    net = small_net()
+    optimizer, _ = build_optimizer(net, cfg.train)
+    step = EagerTrainStep(net, net, optimizer, cfg.train.grad_clip, torch.device("cpu"))
+    batches = [_rows(net, 2, lo) for lo in range(0, 6, 2)]
+
+    def slow(parts: list[dict[str, np.ndarray]]) -> Any:
+        for rows in parts:
+            time.sleep(0.3)
+            yield rows
+
+    fast, _ = train_epoch(step, iter(batches), torch.device("cpu"))
+    waited, _ = train_epoch(step, slow(batches), torch.device("cpu"))
+    assert 0 <= fast[TRAIN_DATA_WAIT_SHARE] < waited[TRAIN_DATA_WAIT_SHARE] <= 1
 
 
 def test_epoch_seeds_depend_on_seed_epoch_and_rank_only() -> None:
