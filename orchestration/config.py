@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from data_shards.config import DataConfig
 from model import VARIANTS, ModelConfig, model_config
@@ -41,6 +48,12 @@ class TrainConfig(_Section):
         "auto: on a CUDA device with optimizer adamw, eager elsewhere; on: refuse to run "
         "without them",
     )
+
+    @field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on / off (`--set train.cuda_graphs=off`) as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check_cuda_graphs(self) -> TrainConfig:

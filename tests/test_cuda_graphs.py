@@ -12,6 +12,7 @@ size 1 over NCCL.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from test_model import NUM_CLASSES, random_taps, small_net
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import JointAttentionNet
-from orchestration.config import TrainConfig, validate_config
+from orchestration.config import TrainConfig, load_config, validate_config
 from orchestration.errors import ConfigError
 from orchestration.graphed_step import (
     WARMUP_STEPS,
@@ -82,6 +83,10 @@ def test_cuda_graphs_on_is_checked_with_the_config() -> None:
     assert cfg.train.cuda_graphs == "on"
     with pytest.raises(ConfigError, match="cuda_graphs"):
         validate_config(_config(cuda_graphs="sometimes"))
+    # YAML reads a bare on / off as a boolean: `--set train.cuda_graphs=off` as typed.
+    off = load_config(Path("configs/demo.yaml"), ["train.cuda_graphs=off"])
+    assert off.train.cuda_graphs == "off"
+    assert TrainConfig(cuda_graphs=True).cuda_graphs == "on"
 
 
 # ---- the fixed-shape batch --------------------------------------------------------------
