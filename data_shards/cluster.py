@@ -11,6 +11,8 @@ import sys
 import ray
 import ray.data  # configures the "ray.data" loggers that progress_to_log_files adjusts
 
+from data_shards.errors import ClusterUnavailable
+
 # Ray ends an idle task worker process after 1 s once a node runs more worker processes than
 # it has CPUs, and a Train run always does (controller, workers, Ray Data's split
 # coordinator): every Ray Data task then waits for a new Python process. Measured here
@@ -40,6 +42,18 @@ def init_ray() -> None:
         except ConnectionError:
             if address:  # the cluster the user named is not there: Ray's error says so
                 raise
+        except RuntimeError as err:
+            if "Version mismatch" not in str(err):
+                raise
+            where = f"the Ray cluster at {address}" if address else (
+                "the running Ray cluster of this machine"
+            )
+            raise ClusterUnavailable(
+                f"cannot join {where}: it runs another Ray or Python version than this "
+                f"process (Ray {ray.__version__}, Python {sys.version.split()[0]}); stop it "
+                "(`ray stop` with its own Python) or set RAY_ADDRESS=local to start a new "
+                "local cluster"
+            ) from None
         else:
             print(
                 f"jlstm: joined the running Ray cluster at {context.address_info['gcs_address']}"

@@ -1,5 +1,6 @@
-"""The data errors a user can fix, each ending `jlstm` with one line and exit 4. Kept apart
-(no imports) so the command line maps them without importing pyarrow, Ray or torch."""
+"""The data and cluster errors a user can fix, each ending `jlstm` with one line and an exit
+code (4; a cluster that cannot be joined 6). Kept apart (no imports) so the command line
+maps them without importing pyarrow, Ray or torch."""
 
 
 class BadDataError(RuntimeError):
@@ -8,3 +9,7 @@ class BadDataError(RuntimeError):
 
 class StaleCacheError(RuntimeError):
     """The cache on disk was built for different data, backbone or clip settings."""
+
+
+class ClusterUnavailable(RuntimeError):
+    """The Ray cluster to join cannot be joined as it is (exit 6)."""

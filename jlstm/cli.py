@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from data_shards.cli import add_data_commands
-from data_shards.errors import BadDataError, StaleCacheError
+from data_shards.errors import BadDataError, ClusterUnavailable, StaleCacheError
 from orchestration.cli import add_run_commands
 from orchestration.errors import ConfigError, RunInUse, TrackingUnavailable
 from tune_spaces.cli import add_tune_command
@@ -62,3 +62,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunInUse as err:
         print(f"jlstm: {err}", file=sys.stderr)
         return 5
+    except ClusterUnavailable as err:
+        print(f"jlstm: {err}", file=sys.stderr)
+        return 6

@@ -108,6 +108,27 @@ def test_bad_node_shape_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str
     assert err.count("\n") == 1 and "--nodes 'eight'" in err
 
 
+def test_a_cluster_of_another_python_is_one_line_and_exit_6(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A running `ray start` cluster of another Python or Ray (seen in CI: a Python 3.12
+    cluster left on the machine) refuses the join with a multi-line RuntimeError; jlstm
+    names the way out in one line. ray.init stands in for that cluster here: making one
+    would take a second Python with Ray installed."""
+    import ray
+
+    def mismatch(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Version mismatch: The cluster was started with:\n    Ray: 2.60.0\n"
+                           "    Python: 3.12.1\nThis process ... was started with: ...")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", mismatch)
+    assert main(["plan", "--config", str(PAPER)]) == 6
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "running Ray cluster of this machine" in err and "RAY_ADDRESS=local" in err
+
+
 def test_feature_pool_uses_each_gpu_or_half_the_cpus() -> None:
     assert feature_pool(parse_nodes(["1x8", "4x8:1"])) == {"actors": 4, "use_gpu": True}
     assert feature_pool(parse_nodes(["1x0", "2x5"])) == {"actors": 4, "use_gpu": False}
