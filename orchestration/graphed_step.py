@@ -181,6 +181,7 @@ class GraphedTrainStep:
             self.inputs, self.labels, self.valid, self.weight,
         )
 
+
 def _torch_dtype(array: np.ndarray) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
 

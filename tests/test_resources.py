@@ -123,6 +123,7 @@ def test_a_cluster_of_another_python_is_one_line_and_exit_6(
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "init", mismatch)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # an earlier test's Ray
     assert main(["plan", "--config", str(PAPER)]) == 6
     err = capsys.readouterr().err
     assert err.count("\n") == 1
