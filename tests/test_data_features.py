@@ -100,6 +100,15 @@ def test_cache_rows_match_a_direct_backbone_forward(cached: tuple[DataConfig, Mo
                 )
 
 
+def _cache_with_a_cut_file(data_cfg: DataConfig, copy: Path) -> tuple[DataConfig, Path]:
+    """A copy of the cache at `copy` whose first file lost its last 1,000 bytes (a copy that
+    stopped, a full disk), the config reading it, and that file."""
+    shutil.copytree(data_cfg.feature_cache, copy)
+    victim = sorted(copy.glob("video_*.npy"))[0]
+    victim.write_bytes(victim.read_bytes()[:-1000])
+    return data_cfg.model_copy(update={"feature_cache": str(copy)}), victim
+
+
 def _by_clip(rows: list[dict]) -> dict[tuple[int, int], dict]:
     return {(int(r["video_id"]), int(r["clip_start"])): r for r in rows}
 
@@ -129,11 +138,7 @@ def test_the_read_stage_gives_the_rows_the_worker_reads(
             assert taps and row["ok"] and stage[clip]["ok"]
             for key in taps:
                 np.testing.assert_array_equal(stage[clip][key], row[key])
-    copy = tmp_path / "cut"
-    shutil.copytree(data_cfg.feature_cache, copy)
-    victim = sorted(copy.glob("video_*.npy"))[0]
-    victim.write_bytes(victim.read_bytes()[:-1000])
-    cut = stage_cfg.model_copy(update={"feature_cache": str(copy)})
+    cut, victim = _cache_with_a_cut_file(stage_cfg, tmp_path / "cut")
     rows = _rows(cut, model_cfg, "train") + _rows(cut, model_cfg, "val")
     bad = [r for r in rows if not r["ok"]]
     assert bad and all("truncated" in r["error"] and victim.name in r["error"] for r in bad)
@@ -161,11 +166,7 @@ def test_a_truncated_cache_file_is_reported(
 ) -> None:
     """A cut-short .npy (a copy that stopped, a full disk) flags its clips; others still read."""
     data_cfg, model_cfg = cached
-    copy = tmp_path / "features"
-    shutil.copytree(data_cfg.feature_cache, copy)
-    victim = sorted(copy.glob("video_*.npy"))[0]
-    victim.write_bytes(victim.read_bytes()[:-1000])
-    cut = data_cfg.model_copy(update={"feature_cache": str(copy)})
+    cut, victim = _cache_with_a_cut_file(data_cfg, tmp_path / "features")
     rows = _rows(cut, model_cfg, "train") + _rows(cut, model_cfg, "val")
     bad = [r for r in rows if not r["ok"]]
     assert bad and len(bad) < len(rows)
