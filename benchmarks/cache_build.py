@@ -48,7 +48,7 @@ import ray
 import torch
 from cache_read import cpu_seconds
 from gpu_step import PAPER_CONFIG, REDUCED, mfu_note, peak_bf16_tflops, sync
-from machine import load_average, machine_info
+from machine import load_average, machine_info, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_shards.cluster import RAY_NODE_ENV
@@ -341,7 +341,7 @@ def main() -> None:
         tmp.cleanup()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(json.dumps({k: result[k] for k in ("size", "total_s", "bound_by")}
                      | {"frames_per_s": build["frames_per_s"], "mfu": build["mfu"]}))
 

@@ -35,7 +35,7 @@ from typing import Any
 import psutil
 import ray
 import torch
-from machine import load_average, machine_info
+from machine import load_average, machine_info, write_json
 
 from data_shards.cluster import RAY_NODE_ENV
 from data_shards.config import DataConfig
@@ -202,7 +202,7 @@ def main() -> None:
         "share_of_plain_ge_0.25": result["stream_per_cpu_vs_plain"] >= 0.25,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "runs")},
                      indent=2))
 

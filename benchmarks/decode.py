@@ -30,7 +30,7 @@ from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches
 from data_shards.decode import open_reader, read_clip
 from data_shards.features import build_feature_cache
 from data_shards.index import index_videos
-from data_shards.manifest import load_manifest
+from data_shards.manifest import load_manifest, video_file
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig
 
@@ -47,7 +47,7 @@ def plain_loop(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict[str, float]
     for row in clips:
         if row["video_path"] != current:
             current = row["video_path"]
-            reader = open_reader(current, model_cfg.frame_size)
+            reader = open_reader(video_file(data_cfg.root, current), model_cfg.frame_size)
         read_clip(reader, row["clip_start"], row["num_frames"], model_cfg.clip_len, 1)
     # decord may decode on more threads than one: the CPU it used, not only the wall time.
     return {"clips": len(clips), "seconds": time.perf_counter() - started,

@@ -24,7 +24,8 @@
 # ["benchmarks/gpu_bundle/deps.tar.xz", "benchmarks/gpu_bundle/deps-av.tar.xz"]: ~54 MiB of
 # the 64 MiB it carries, beside the repository's own ~3 MiB; leave deps-av out when nothing
 # writes videos):
-#     mkdir -p /tmp/deps && for f in benchmarks/gpu_bundle/deps*.tar.xz; do tar -xJf "$f" -C /tmp/deps; done
+#     mkdir -p /tmp/deps && for f in benchmarks/gpu_bundle/deps*.tar.xz; do python3 -m tarfile --filter tar -e "$f" /tmp/deps || exit; done
+#     (Python's own lzma: the GPU image may have no xz binary)
 #     export PYTHONPATH=/tmp/deps/site:$PWD
 #     python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
 #     python3 benchmarks/gpu_suite.py --out-dir $OUT/gpu --stage-dir /tmp/gpu-stages

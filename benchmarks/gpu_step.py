@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from machine import load_average, machine_info
+from machine import load_average, machine_info, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import JointAttentionNet, ModelConfig
@@ -254,10 +254,11 @@ def synthetic_run(
         def run_step() -> None:
             step.step_again(1.0)
     else:
-        step = EagerTrainStep(net, net, optimizer, cfg.train.grad_clip, device)
+        step = EagerTrainStep(net, net, optimizer, cfg.train.grad_clip, device,
+                              cfg.train.precision)
 
         def run_step() -> None:
-            train_step(net, net, batch, optimizer, cfg.train.grad_clip)
+            train_step(net, net, batch, optimizer, cfg.train.grad_clip, 1.0, cfg.train.precision)
     times = timed(run_step, device, warmup, args.steps)
     out: dict[str, Any] = {"backbone": model_cfg.backbone, "batch_size": batch_size,
                            "cuda_graphs": graphed}
@@ -268,6 +269,7 @@ def synthetic_run(
         out["graph_replays"] = step.graph_replays
     if args.profile:
         out["profile"] = profile_steps(run_step, device)
+    step.close()  # the graph released before the next mode builds its own
     achieved = flops / out["step_s_median"] / 1e12
     peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     out |= {
@@ -292,7 +294,8 @@ def pipeline_run(
     net, optimizer = build_net(model_cfg, cfg, device, graphed=graphed)
     step = (
         GraphedTrainStep(net, optimizer, cfg.train, device, batch_size, ddp=False) if graphed
-        else EagerTrainStep(net, net, optimizer, cfg.train.grad_clip, device)
+        else EagerTrainStep(net, net, optimizer, cfg.train.grad_clip, device,
+                            cfg.train.precision)
     )
     warmup, steps = pipeline_steps(args)  # the first batch pays the pipeline's start-up
     if graphed:
@@ -311,6 +314,7 @@ def pipeline_run(
         sync(device)
         waits.append(got - start)
         totals.append(time.perf_counter() - start)
+    step.close()
     steady_wait, steady = waits[warmup:], totals[warmup:]
     out: dict[str, Any] = {"steps": len(steady), "warmup_steps": min(warmup, len(totals))}
     if steady:
@@ -496,7 +500,7 @@ def main() -> None:
         "total_s": round(time.time() - started, 1),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "size": args.size,
-        "autocast": "bf16" if device.type == "cuda" else None,
+        "autocast": "bf16" if device.type == "cuda" and cfg.train.precision == "bf16" else None,
         "model": model_cfg.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json"),
         "flops_note": "FlopCounterMode (matmuls and convs) over one forward + backward in "
@@ -508,7 +512,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(json.dumps({"size": args.size, "total_s": result["total_s"]}))
 
 

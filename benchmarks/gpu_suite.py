@@ -1,40 +1,49 @@
 """One command, one GPU call: every figure of issue 20 as JSON, stage after stage, in a budget.
 
     PYTHONPATH=<deps>/site:$PWD python benchmarks/gpu_suite.py --out-dir $OUT/gpu \
-        --stage-dir /tmp/gpu-stages
+        --stage-dir /tmp/gpu-stages --budget-s 520
     .venv/bin/python benchmarks/gpu_suite.py --out-dir /tmp/gpu-suite   # CPU: the rehearsal
 
-Each stage is a subprocess (its own process group, killed whole at its timeout) that writes
-one JSON into --stage-dir (default: --out-dir); a stage that fails or runs out of time is
-recorded with its return code and the tail of its stderr, and the suite goes on. After every
-stage --out-dir/gpu_suite.json is rewritten: the machine, each stage's status, seconds and
-JSON (embedded, so that file alone carries the run), the headline figures and the issue's
-goals. Stages, cheapest and most telling first, so that a run cut short still returns the
-most:
+Each stage is a subprocess that writes one JSON into --stage-dir (default: --out-dir); a
+stage that fails or runs out of time is recorded with its return code and the tail of its
+stderr, and the suite goes on. After every stage --out-dir/gpu_suite.json is rewritten: the
+machine, each stage's status, seconds and JSON (embedded, so that file alone carries the
+run), the headline figures and the issue's goals. Every JSON is written atomically (a temp
+file renamed over it): a call cut at any moment returns every figure finished by then.
+Stages, the most telling first, so that a run cut short still returns the most:
 
-  step_b16_eager, step_b16_graphed,   gpu_step.py --no-pipeline --modes cached_taps --profile
-  step_b64_eager, step_b64_graphed    at per-GPU batch 16 and 64, train.cuda_graphs off / on
+  step_b16_eager, step_b16_graphed    gpu_step.py --no-pipeline --modes cached_taps --profile
+                                      at per-GPU batch 16, train.cuda_graphs off / on
+  ray_train                           jlstm data synth / features / train / eval under Ray
+                                      Train on the GPU (its own small set of full-size
+                                      videos), read back from a fresh MLflow SQLite store
   equivalence                         pytest -m gpu tests/test_cuda_graphs.py (junit -> JSON)
+  step_b64_eager, step_b64_graphed    gpu_step.py at per-GPU batch 64 (no profile)
   cache_build                         cache_build.py: the feature cache built on the GPU
   feed                                cache_read.py on cache_build's cache, both read designs
-  ray_train                           jlstm data features / train / eval under Ray Train on
-                                      the GPU, read back from a fresh MLflow SQLite store
 
-Each stage's timeout is its cap or what is left of --budget-s, whichever is less; a stage
-with less than its minimum left is skipped (recorded). --size full (the default with CUDA)
-runs the paper's config; --size reduced (the default on CPU) runs the same stages at sizes
-that finish in a few minutes on 2 cores, with the graphed steps recorded as skipped (CUDA
-graphs need CUDA). Videos, caches, checkpoints, the MLflow store and the stages' logs go to
---work-dir (default: a temp dir, removed at the end unless --keep-work), never to
---out-dir: a GPU call brings back at most 8 small files (9 JSON files here: point
+Each stage has a cap, counted once per stage; the caps of all stages sum to at most
+--budget-s minus MARGIN_S (scaled down for a smaller budget: `stage_caps`), and a stage's
+timeout is its cap or what is left of the budget, whichever is less; a stage with less than
+its minimum left is skipped (recorded). A stage past its timeout is killed with every
+process it started (its process group, and each descendant found before the kill, one in a
+session of its own or a Ray worker too: `kill_tree`); with CUDA, the next stage first waits
+for the GPU's memory to be free and records what it found. --size full (the default with
+CUDA) runs the paper's config; --size reduced (the default on CPU) runs the same stages at
+sizes that finish within the same budget on 2 cores, with the graphed steps recorded as
+skipped (CUDA graphs need CUDA). Videos, caches, checkpoints, the MLflow store and the
+stages' logs go to --work-dir (default: a temp dir, removed at the end unless --keep-work),
+never to --out-dir: a GPU call brings back at most 8 small files (9 JSON files here: point
 --stage-dir elsewhere and bring back the summary, which holds them all).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -47,8 +56,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import torch
-from machine import load_average, machine_info
+from machine import load_average, machine_info, write_json
 
 if TYPE_CHECKING:
     from orchestration.config import JlstmConfig
@@ -58,8 +68,13 @@ REPO = HERE.parent
 PAPER_CONFIG = "configs/ucf101_late_fusion.yaml"
 SUMMARY = "gpu_suite.json"
 STDERR_TAIL = 3000  # characters of a failed stage's stderr kept in the JSON
-KILL_GRACE_S = 10  # SIGTERM, then this long, then SIGKILL
-RAY_TRAIN_JSON_RESERVE_S = 5  # the ray_train stage keeps this to write its JSON
+MARGIN_S = 30  # the stages' caps sum to at most the budget minus this
+KILL_GRACE_S = 3  # SIGTERM, then this long, then SIGKILL (then this long again at most)
+# The ray_train stage's commands end this long before the stage's own deadline: time for
+# a command's kill (2 x KILL_GRACE_S) and for writing the JSON before the suite kills it.
+RAY_TRAIN_JSON_RESERVE_S = 2 * KILL_GRACE_S + 4
+GPU_FREE_MIB = 2048  # the GPU counts as free below this much used memory (NVML)
+GPU_FREE_WAIT_S = 10  # how long a stage waits for it
 
 
 @dataclass(frozen=True)
@@ -68,36 +83,66 @@ class Sizes:
 
     step_batches: tuple[int, int]  # the stages' "b16" and "b64" batches
     step_args: tuple[str, ...]  # more gpu_step.py arguments
+    build_args: tuple[str, ...]  # more cache_build.py arguments
     feed_args: tuple[str, ...]  # more cache_read.py arguments (after cache_build's)
     train_batch: int  # per-GPU batch of the Ray Train run (1 worker: the global batch)
     train_stride: int  # clips start this many frames apart: many clips from few videos
+    train_videos: dict[str, int]  # the Ray Train run's own set: classes, videos_per_class,
+    #                               num_frames (`jlstm data synth`)
     train_overrides: tuple[str, ...]  # model sizes etc. of the Ray Train run
-    caps: dict[str, float]  # each stage's own timeout (seconds)
-    minimum: dict[str, float]  # skip a stage with less than this left
+    caps: dict[str, float]  # each stage's own timeout (seconds), by stage name
+    minimum: dict[str, float]  # skip a stage of this kind with less than this left
 
 
-CAPS_FULL = {"step": 90, "equivalence": 120, "cache_build": 180, "feed": 120, "ray_train": 330}
-CAPS_REDUCED = {"step": 240, "equivalence": 180, "cache_build": 300, "feed": 180,
-                "ray_train": 600}
-MINIMUM = {"step": 30, "equivalence": 20, "cache_build": 60, "feed": 40, "ray_train": 120}
+# Seconds per stage, each counted once; each table sums to 490 = 520 (the README's
+# --budget-s) - MARGIN_S. Full: gpu_step.py at batch 16 took 22.5 s on an H200 and 45.4 s
+# with --profile (results/gpu_step_h200*.json, imports and CUDA start-up included);
+# ray_train starts Ray three times (features, train, eval) and Ray Train once; none of the
+# full caps is measured yet. Reduced, as measured in the CPU rehearsal on 2 cores shared
+# with other work: steps 10 s each, equivalence 6 s, cache_build 92 s, ray_train 163 s
+# (without its synth).
+CAPS_FULL = {"step_b16_eager": 55, "step_b16_graphed": 55, "ray_train": 200,
+             "equivalence": 50, "step_b64_eager": 30, "step_b64_graphed": 30,
+             "cache_build": 45, "feed": 25}
+CAPS_REDUCED = {"step_b16_eager": 30, "step_b16_graphed": 5, "ray_train": 250,
+                "equivalence": 25, "step_b64_eager": 30, "step_b64_graphed": 5,
+                "cache_build": 100, "feed": 45}
+MINIMUM = {"step": 15, "equivalence": 15, "cache_build": 20, "feed": 15, "ray_train": 90}
 
 
 def sizes_for(size: str, cpus: int) -> Sizes:
     if size == "full":
         # The feed at the paper's per-GPU batch, on every CPU but the one Ray keeps.
         feed = ("--cpus", str(max(1, cpus - 1)), "--batch", "16", "--decode-batch-size", "16",
-                "--epochs", "2", "--runs", "1")
-        # Stride 2: 61 clips a 150-frame video, ~170 steps of 16 an epoch from 44 videos.
+                "--epochs", "1", "--runs", "1")
+        # A third of cache_build.py's full set (its 64 x 150 frames need minutes): 4 x 6
+        # videos of 150 frames, every frame needed by some clip.
+        build = ("--videos-per-class", "6", "--decode-videos", "6", "--vgg-repeats", "2")
+        # Stride 2: 26 clips an 80-frame video at T = 30, ~27 steps of 16 an epoch.
         # No attention plot: it runs VGG16 at S = 384 on the driver's CPUs (seconds).
-        return Sizes((16, 64), (), feed, 16, 2, ("tracking.attention_examples=0",),
-                     CAPS_FULL, MINIMUM)
+        return Sizes((16, 64), (), build, feed, 16, 2,
+                     {"classes": 4, "videos_per_class": 6, "num_frames": 80},
+                     ("tracking.attention_examples=0",), CAPS_FULL, MINIMUM)
     from gpu_step import REDUCED  # torch and the model's config only: no Ray, no MLflow
 
     feed = ("--cpus", "1", "--batch", "2", "--decode-batch-size", "2", "--epochs", "1",
             "--runs", "1")
     model = (*(f"model.{k}={v}" for k, v in REDUCED.items()), "tracking.attention_examples=1")
-    return Sizes((2, 4), ("--steps", "2", "--warmup", "1"), feed, 2, 1, model,
+    return Sizes((2, 4), ("--steps", "2", "--warmup", "1"), (), feed, 2, 1,
+                 {"classes": 2, "videos_per_class": 2, "num_frames": 24}, model,
                  CAPS_REDUCED, MINIMUM)
+
+
+def stage_caps(sizes: Sizes, budget_s: float, stages: list[tuple[str, str, Plan]] | None = None
+               ) -> dict[str, float]:
+    """Each stage's cap (of `stages`, default STAGES), scaled down together where the
+    budget is smaller than the caps' sum plus MARGIN_S, so that all of them always fit in
+    the budget with MARGIN_S to spare."""
+    names = [name for name, _, _ in (STAGES if stages is None else stages)]
+    total = sum(sizes.caps[name] for name in names)
+    scale = min(1.0, max(0.0, budget_s - MARGIN_S) / total)
+    # Rounded down: the sum of rounded caps stays within the budget.
+    return {name: math.floor(sizes.caps[name] * scale * 10) / 10 for name in names}
 
 
 # --- running a command in its own process group -------------------------------------------
@@ -125,8 +170,7 @@ def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run_command(argv: list[str], env: dict[str, str], timeout: float, log: Path) -> Finished:
     """Run `argv` from the repository root in a new process group, stdout and stderr into
-    `log`.out / .err; at `timeout` the whole group (Ray's processes started under it too) is
-    sent SIGTERM, then SIGKILL."""
+    `log`.out / .err; at `timeout`, `kill_tree`: it and everything it started."""
     log.parent.mkdir(parents=True, exist_ok=True)
     err_path = log.with_suffix(".err")
     started = time.perf_counter()
@@ -139,18 +183,72 @@ def run_command(argv: list[str], env: dict[str, str], timeout: float, log: Path)
             code: int | None = proc.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
             code = None
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=KILL_GRACE_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            kill_tree(proc)
     text = err_path.read_text(errors="replace")
     return Finished(code, round(time.perf_counter() - started, 1), text[-STDERR_TAIL:])
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_all(pgid: int, procs: list[psutil.Process], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM to `proc`, its process group and each of its descendants, found before any
+    of them dies (so that one in a session of its own, or a Ray worker under a raylet, is
+    not missed once its parent is gone); after KILL_GRACE_S, SIGKILL to whatever is left
+    and to what those started meanwhile. Returns within 2 x KILL_GRACE_S."""
+    try:
+        procs = [psutil.Process(proc.pid), *_descendants(proc.pid)]
+    except psutil.NoSuchProcess:
+        procs = _descendants(proc.pid)
+    _signal_all(proc.pid, procs, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=KILL_GRACE_S)
+    late = {p.pid: p for p in alive}
+    for p in alive:
+        late |= {d.pid: d for d in _descendants(p.pid)}
+    _signal_all(proc.pid, list(late.values()), signal.SIGKILL)
+    psutil.wait_procs(list(late.values()), timeout=KILL_GRACE_S)
+    proc.poll()  # reaped: no zombie left behind
+
+
+def gpu_memory_used_mib() -> float | None:
+    """Memory in use on GPU 0 by every process (NVML), without a CUDA context here; None
+    without NVML or a GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no nvidia-ml-py, no driver: nothing to check
+        return None
+
+
+def wait_for_free_gpu() -> dict[str, Any]:
+    """Before a stage: wait up to GPU_FREE_WAIT_S for the GPU's memory to fall below
+    GPU_FREE_MIB (a killed stage's processes let go of it), and say what was found."""
+    started = time.perf_counter()
+    used = gpu_memory_used_mib()
+    while (used is not None and used >= GPU_FREE_MIB
+           and time.perf_counter() - started < GPU_FREE_WAIT_S):
+        time.sleep(0.5)
+        used = gpu_memory_used_mib()
+    return {"gpu_used_mib_before": None if used is None else round(used),
+            "gpu_free_before": None if used is None else used < GPU_FREE_MIB,
+            "gpu_wait_s": round(time.perf_counter() - started, 1)}
 
 
 # --- the stages ---------------------------------------------------------------------------
@@ -175,6 +273,7 @@ class Context:
     stage_dir: Path  # each stage's JSON
     work: Path
     deadline: float
+    caps: dict[str, float]  # each stage's, `stage_caps`
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def result(self, stage: str) -> dict[str, Any] | None:
@@ -191,7 +290,10 @@ def step_stage(batch_index: int, graphed: bool) -> Callable[[Context], Launch | 
             sys.executable, str(HERE / "gpu_step.py"), "--no-pipeline", "--modes",
             "cached_taps", "--size", ctx.args.size, "--batch-size", str(batch),
             # Quoted: YAML would read a bare on / off as a boolean.
-            "--set", f"train.cuda_graphs='{'on' if graphed else 'off'}'", "--profile",
+            "--set", f"train.cuda_graphs='{'on' if graphed else 'off'}'",
+            # The profile (launch calls, device busy share) at batch 16 only: it doubles
+            # a stage's time.
+            *(["--profile"] if batch_index == 0 else []),
             *ctx.sizes.step_args, "--out", str(ctx.stage_dir / name),
         ], name)
 
@@ -208,7 +310,7 @@ def equivalence_stage(ctx: Context) -> Launch | str:
     name = "gpu_equivalence.json"
 
     def after(finished: Finished) -> None:
-        (ctx.stage_dir / name).write_text(json.dumps(junit_summary(xml, finished), indent=2) + "\n")
+        write_json(ctx.stage_dir / name, junit_summary(xml, finished))
 
     # addopts cleared: the project's --timeout needs pytest-timeout; the stage has its own.
     return Launch([
@@ -246,7 +348,7 @@ def cache_build_workdir(ctx: Context) -> Path:
 def cache_build_stage(ctx: Context) -> Launch:
     return Launch([
         sys.executable, str(HERE / "cache_build.py"), "--size", ctx.args.size,
-        "--workdir", str(cache_build_workdir(ctx)),
+        "--workdir", str(cache_build_workdir(ctx)), *ctx.sizes.build_args,
         "--out", str(ctx.stage_dir / "gpu_cache_build.json"),
     ], "gpu_cache_build.json")
 
@@ -264,7 +366,7 @@ def feed_stage(ctx: Context) -> Launch | str:
 
 def ray_train_stage(ctx: Context) -> Launch:
     # Its commands' own deadline: the stage's timeout (its cap, or what the budget leaves).
-    deadline = min(ctx.deadline, time.time() + ctx.sizes.caps["ray_train"])
+    deadline = min(ctx.deadline, time.time() + ctx.caps["ray_train"])
     return Launch([
         sys.executable, str(HERE / "gpu_suite.py"), "--stage", "ray_train", "--size",
         ctx.args.size, "--out-dir", str(ctx.stage_dir), "--work-dir", str(ctx.work),
@@ -272,28 +374,31 @@ def ray_train_stage(ctx: Context) -> Launch:
     ], "gpu_ray_train.json")
 
 
-STAGES: list[tuple[str, str, Callable[[Context], Launch | str]]] = [
+# (name, kind, plan). Ray Train on the GPU, the mission's headline, right after one eager
+# and one graphed step at batch 16 (the bare step it is compared with).
+Plan = Callable[[Context], Launch | str]
+STAGES: list[tuple[str, str, Plan]] = [
     ("step_b16_eager", "step", step_stage(0, graphed=False)),
     ("step_b16_graphed", "step", step_stage(0, graphed=True)),
+    ("ray_train", "ray_train", ray_train_stage),
+    ("equivalence", "equivalence", equivalence_stage),
     ("step_b64_eager", "step", step_stage(1, graphed=False)),
     ("step_b64_graphed", "step", step_stage(1, graphed=True)),
-    ("equivalence", "equivalence", equivalence_stage),
     ("cache_build", "cache_build", cache_build_stage),
     ("feed", "feed", feed_stage),
-    ("ray_train", "ray_train", ray_train_stage),
 ]
 
 
-def run_stage(ctx: Context, name: str, kind: str,
-              plan: Callable[[Context], Launch | str]) -> dict[str, Any]:
-    left = ctx.deadline - time.time()
+def run_stage(ctx: Context, name: str, kind: str, plan: Plan) -> dict[str, Any]:
     launch = plan(ctx)
     if isinstance(launch, str):
         return {"status": "skipped", "reason": launch}
+    gpu = wait_for_free_gpu() if ctx.cuda else {}
+    left = ctx.deadline - time.time()
     if left < ctx.sizes.minimum[kind]:
         return {"status": "skipped",
                 "reason": f"budget: {left:.0f} s left, the stage needs {ctx.sizes.minimum[kind]} s"}
-    timeout = min(ctx.sizes.caps[kind], left)
+    timeout = min(ctx.caps[name], left)
     print(f"[gpu_suite] {name}: up to {timeout:.0f} s", flush=True)
     path = ctx.stage_dir / launch.out
     path.unlink(missing_ok=True)  # an earlier run's JSON is never taken for this one's
@@ -301,15 +406,24 @@ def run_stage(ctx: Context, name: str, kind: str,
                            ctx.work / "logs" / name)
     if launch.after is not None:
         launch.after(finished)
-    result = json.loads(path.read_text()) if path.is_file() else None
+    result = read_json(path)
     status = ("timeout" if finished.returncode is None
               else "ok" if finished.returncode == 0 and result is not None else "failed")
     record: dict[str, Any] = {"status": status, "returncode": finished.returncode,
                               "seconds": finished.seconds, "timeout_s": round(timeout),
-                              "json": launch.out if result is not None else None}
+                              "json": launch.out if result is not None else None, **gpu}
     if status != "ok":
         record["stderr_tail"] = finished.stderr_tail
     return record | {"result": result}
+
+
+def read_json(path: Path) -> Any:
+    """A stage's JSON, or None where it wrote none (or, from a writer not yet atomic, half
+    of one)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 # --- the ray_train stage (this file run with --stage ray_train) -----------------------------
@@ -417,9 +531,10 @@ def read_run(uri: str, cfg: JlstmConfig) -> dict[str, Any]:
 
 
 def run_ray_train(args: argparse.Namespace) -> int:
-    """`jlstm data features`, `jlstm train` and `jlstm eval` as a user runs them (python -m
-    jlstm), on the cache_build stage's videos when it left them (else synthesized here);
-    the JSON is rewritten after each command."""
+    """`jlstm data synth`, `jlstm data features`, `jlstm train` and `jlstm eval` as a user
+    runs them (python -m jlstm), on a small set of full-size videos of its own; the JSON is
+    rewritten (atomically) after each command, and each command ends
+    RAY_TRAIN_JSON_RESERVE_S before the stage's deadline, killed with all it started."""
     from orchestration.config import load_config
 
     cuda = torch.cuda.is_available()
@@ -427,8 +542,7 @@ def run_ray_train(args: argparse.Namespace) -> int:
     deadline = args.deadline or time.time() + sizes.caps["ray_train"]
     work = args.work_dir.resolve() / "ray_train"
     out_path = args.out_dir.resolve() / "gpu_ray_train.json"
-    built = args.work_dir.resolve() / "cache_build" / "data"
-    root = built if (built / "manifest_split1.parquet").is_file() else work / "data"
+    root = work / "data"
     overrides = [*ray_train_overrides(sizes, cuda, root, work), *args.train_set]
     cfg = load_config(REPO / PAPER_CONFIG, overrides)  # refused here, before any work
     uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -440,7 +554,7 @@ def run_ray_train(args: argparse.Namespace) -> int:
     }
 
     def save() -> None:
-        out_path.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out_path, result)
 
     def command(name: str, *cli: str) -> bool:
         left = deadline - time.time() - RAY_TRAIN_JSON_RESERVE_S
@@ -459,16 +573,12 @@ def run_ray_train(args: argparse.Namespace) -> int:
 
     work.mkdir(parents=True, exist_ok=True)
     configured = ["--config", PAPER_CONFIG, *(f"--set={o}" for o in overrides)]
-    ok = True
-    if root != built:  # cache_build left no videos: make the same ones
-        from cache_build import SIZES
-
-        data = SIZES[args.size]
-        ok = command("synth", "data", "synth", "--out", str(root),
-                     "--classes", str(data["classes"]),
-                     "--videos-per-class", str(data["videos_per_class"]),
-                     "--frame-size", str(cfg.resolve_model(2).frame_size * 3 // 4),
-                     "--num-frames", str(data["num_frames"]))
+    videos = sizes.train_videos
+    ok = command("synth", "data", "synth", "--out", str(root),
+                 "--classes", str(videos["classes"]),
+                 "--videos-per-class", str(videos["videos_per_class"]),
+                 "--frame-size", str(cfg.resolve_model(2).frame_size * 3 // 4),
+                 "--num-frames", str(videos["num_frames"]))
     ok = ok and command("features", "data", "features", *configured)
     trained = ok and command("train", "train", *configured)
     if "train" in result["commands"]:
@@ -606,13 +716,13 @@ def write_summary(ctx: Context, started: float) -> None:
         "notes": notes,
         "results": {name: r.get("result") for name, r in ctx.records.items()},
     }
-    path = ctx.out_dir / SUMMARY
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(summary, indent=2) + "\n")
-    partial.rename(path)  # a reader (or a kill) never sees half a summary
+    write_json(ctx.out_dir / SUMMARY, summary)  # a reader (or a kill) never sees half of it
 
 
-def run_suite(args: argparse.Namespace) -> int:
+def run_suite(args: argparse.Namespace, stages: list[tuple[str, str, Plan]] | None = None,
+              sizes: Sizes | None = None) -> int:
+    """Every stage of `stages` (default STAGES) in order, at `sizes` (default --size's)."""
+    stages = STAGES if stages is None else stages
     started = time.time()
     cuda = torch.cuda.is_available()  # no CUDA context here: the stages own the GPU
     args.size = args.size or ("full" if cuda else "reduced")
@@ -626,11 +736,12 @@ def run_suite(args: argparse.Namespace) -> int:
         args.work_dir = Path(tmp.name)
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(args, cuda, sizes_for(args.size, os.cpu_count() or 1), out_dir, stage_dir,
-                  work, started + args.budget_s)
+    sizes = sizes or sizes_for(args.size, os.cpu_count() or 1)
+    ctx = Context(args, cuda, sizes, out_dir, stage_dir, work, started + args.budget_s,
+                  stage_caps(sizes, args.budget_s, stages))
     only = set(args.stages.split(",")) if args.stages else None
     try:
-        for name, kind, plan in STAGES:
+        for name, kind, plan in stages:
             if only is not None and name not in only:
                 ctx.records[name] = {"status": "skipped", "reason": "not in --stages"}
             else:

@@ -3,29 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
+
+
+def _absolute(path: str | None) -> str | None:
+    """A file named on the command line, against the caller's folder (the config reads list
+    files relative to the splits dir; a flag means what the shell means)."""
+    return os.path.abspath(path) if path else None
 
 
 def _index(args: argparse.Namespace) -> int:
     """Probe the split's videos; print the summary and the quarantine reasons."""
     import pyarrow.parquet as pq
+    from pydantic import ValidationError
 
     from data_shards.cluster import init_ray
     from data_shards.config import DataConfig
-    from data_shards.index import index_videos
+    from data_shards.index import index_videos, list_entries
 
-    data_cfg = DataConfig(
-        dataset=args.dataset,
-        root=args.root,
-        splits_dir=args.splits_dir,
-        split=args.split,
-        manifest=args.out,
-        probe_timeout_s=args.probe_timeout,
-    )
+    try:
+        data_cfg = DataConfig(
+            dataset=args.dataset,
+            root=os.path.abspath(args.root),
+            splits_dir=_absolute(args.splits_dir),
+            split=args.split,
+            manifest=_absolute(args.out),
+            probe_timeout_s=args.probe_timeout,
+            test_fraction=args.test_fraction,
+            split_seed=args.split_seed,
+            train_list=_absolute(args.train_list),
+            test_list=_absolute(args.test_list),
+            class_names_file=_absolute(args.class_names),
+        )
+    except ValidationError as err:
+        problems = "; ".join(  # the key, the value given, what is allowed
+            f"data.{'.'.join(map(str, e['loc']))} = {e['input']!r}: {e['msg']}"
+            if e["loc"] else e["msg"]
+            for e in err.errors()
+        )
+        print(f"jlstm: {problems}", file=sys.stderr)
+        return 2
+    list_entries(data_cfg)  # a split file that cannot be read is refused before Ray starts
     init_ray()
     result = index_videos(data_cfg)
     print(result.summary())
+    subsets = Counter(pq.read_table(result.manifest_path)["subset"].to_pylist())
+    print(f"  train {subsets['train']}, test {subsets['test']} videos")
     reasons = pq.read_table(result.quarantine_path)["reason"].to_pylist()
     kinds = Counter(reason.split(":")[0] for reason in reasons)
     for kind, count in kinds.most_common():
@@ -98,9 +123,31 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         "--splits-dir",
         default=None,
         help="default: ucfTrainTestlist/ or testTrainMulti_7030_splits/ in or "
-        "beside the root; for folder, the root (holding split<N>.csv)",
+        "beside the root; for folder, the root (holding split<N>.csv, if any: without it "
+        "the class folders are split by --test-fraction)",
     )
     index.add_argument("--split", type=int, default=1, choices=[1, 2, 3])
+    index.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="folder of class folders without a split file: each class's share of test "
+        "videos, picked by a hash of (--split-seed, path): the same files, the same split",
+    )
+    index.add_argument("--split-seed", type=int, default=0, help="seed of that hash")
+    index.add_argument(
+        "--train-list",
+        default=None,
+        help="folder: MMAction2-style list of training videos, 'path label' per line (path "
+        "under the root's videos, label a class name or, with --class-names, a number)",
+    )
+    index.add_argument("--test-list", default=None, help="the test videos, as --train-list")
+    index.add_argument(
+        "--class-names",
+        default=None,
+        help="names of the lists' numbered labels: classInd-style 'N name' lines, or one "
+        "name per line (numbered from 0)",
+    )
     index.add_argument(
         "--out",
         default=None,

@@ -1,7 +1,9 @@
-"""Clips: which frames a clip holds, where clips start, and the clip tables Ray Data reads.
+"""Clips: the clip tables Ray Data reads, and the frames a video's clips touch.
 
-A clip is `clip_len` frames taken every `frame_interval` frames from `start`. Starts lie on
-a grid of stride `s`. A video shorter than one clip gives one clip at 0 that loops the video.
+The clip grid itself (a clip is `clip_len` frames taken every `frame_interval` frames from
+`start`; starts every `s` frames; a video shorter than one clip gives one looped clip at 0)
+is the model's: `model.video`, shipped with the registered model, so training, `jlstm eval`,
+`jlstm predict` and the served model sample clips with the same code. It is re-exported here.
 """
 
 from __future__ import annotations
@@ -9,28 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from model.video import clip_span, clip_starts, frame_indices
+
+__all__ = [
+    "CLIP_COLUMNS", "clip_span", "clip_starts", "clip_table", "frame_indices", "needed_frames",
+]
+
 CLIP_COLUMNS = ("video_id", "video_path", "num_frames", "label", "clip_start")
-
-
-def clip_span(clip_len: int, frame_interval: int) -> int:
-    """Frames from a clip's first to its last frame, both included."""
-    return (clip_len - 1) * frame_interval + 1
-
-
-def clip_starts(num_frames: int, clip_len: int, stride: int, frame_interval: int = 1) -> list[int]:
-    """Start frames of every clip of a video: 0, s, 2s, ... while the clip fits.
-
-    A video shorter than one clip still gives the clip at 0 (looped by `frame_indices`).
-    """
-    if num_frames < 1:
-        raise ValueError(f"num_frames = {num_frames}: a video needs at least one frame")
-    last = num_frames - clip_span(clip_len, frame_interval)
-    return list(range(0, max(last, 0) + 1, stride))
-
-
-def frame_indices(start: int, num_frames: int, clip_len: int, frame_interval: int = 1) -> list[int]:
-    """The `clip_len` frame indices of the clip at `start`, wrapping past the video's end."""
-    return [(start + i * frame_interval) % num_frames for i in range(clip_len)]
 
 
 def clip_table(videos: pa.Table, clip_len: int, stride: int, frame_interval: int = 1) -> pa.Table:

@@ -26,6 +26,26 @@ class DataConfig(BaseModel):
     root: str = Field(description="folder of class folders, or one holding them (see index)")
     splits_dir: str | None = Field(None, description="default: found inside/beside root")
     split: int = Field(1, ge=1, le=3)
+    # A folder of class folders without a split file is split per class by a hash of each
+    # video's path (data_shards/splits.py: split_by_hash), so these two decide the split.
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1,
+        description="folder datasets without split<N>.csv or list files: each class's share "
+        "of test videos (round(test_fraction x videos))",
+    )
+    split_seed: int = Field(
+        0, ge=0, description="folder datasets without a split file: a different seed, a "
+        "different (equally stratified) split",
+    )
+    train_list: str | None = Field(
+        None, description="folder datasets: MMAction2-style list of training videos "
+        "('path label' per line); relative to splits_dir (default root)",
+    )
+    test_list: str | None = Field(None, description="the test videos' list (as train_list)")
+    class_names_file: str | None = Field(
+        None, description="class names for list labels given as indices: classInd-style "
+        "'N name' lines (N as the lists number them) or one name per line (from 0)",
+    )
     manifest: str | None = Field(None, description="default: <root>/manifest_split<N>.parquet")
     frame_interval: int = Field(1, ge=1, description="take every n-th frame inside a clip")
     train_stride: int = Field(8, ge=1, description="s: frames between training clip starts")
@@ -55,6 +75,25 @@ class DataConfig(BaseModel):
             raise ValueError(
                 "use_feature_cache = true needs feature_cache = <directory>; got feature_cache"
                 f" = {self.feature_cache!r}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lists_go_together(self) -> DataConfig:
+        if (self.train_list is None) != (self.test_list is None):
+            raise ValueError(
+                f"train_list = {self.train_list!r} and test_list = {self.test_list!r}: give "
+                "both list files or neither"
+            )
+        if self.dataset != "folder" and (self.train_list or self.class_names_file):
+            raise ValueError(
+                f"train_list, test_list and class_names_file are for dataset = 'folder', not "
+                f"{self.dataset!r}: remove them"
+            )
+        if self.class_names_file and not self.train_list:
+            raise ValueError(
+                f"class_names_file = {self.class_names_file!r} names the classes of list "
+                "files: set train_list and test_list too, or remove it"
             )
         return self
 

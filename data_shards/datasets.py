@@ -30,6 +30,7 @@ evaluation sorts the gathered predictions by video, so its metrics do not depend
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -108,6 +109,8 @@ def _decoded(
             "clip_len": model_cfg.clip_len,
             "frame_interval": data_cfg.frame_interval,
             "frame_size": model_cfg.frame_size,
+            # The manifest's paths are relative to data.root: each task opens them there.
+            "root": os.path.abspath(data_cfg.root),
         },
         batch_size=batch_size,
         batch_format="numpy",

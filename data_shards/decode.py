@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -40,11 +41,13 @@ def decode_clip(
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], *, clip_len: int, frame_interval: int, frame_size: int
+    batch: dict[str, np.ndarray], *, clip_len: int, frame_interval: int, frame_size: int,
+    root: str = "",
 ) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` function: clip rows in, decoded clips out; never raises.
 
-    In: video_path, num_frames, label, video_id, clip_start ([B] each).
+    In: video_path (relative to `root`, the run's absolute `data.root`; an absolute path is
+    opened as it is), num_frames, label, video_id, clip_start ([B] each).
     Out: frames uint8 [B, T, S, S, 3], label, video_id, clip_start (int64 [B]), ok (bool),
     error (str, "" when ok). A clip that fails keeps its row, all-zero frames, ok=False.
     Clips of one video share one reader (see `open_reader`).
@@ -54,7 +57,7 @@ def decode_batch(
     ok = np.ones(size, dtype=bool)
     errors = np.full(size, "", dtype=object)
     for i in range(size):
-        path = str(batch["video_path"][i])
+        path = os.path.join(root, str(batch["video_path"][i]))
         try:
             frames[i] = read_clip(
                 open_reader(path, frame_size),

@@ -29,18 +29,21 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
 from data_shards.clips import frame_indices, needed_frames
 from data_shards.config import TAP_PREFIX, TAP_SCALE_PREFIX, DataConfig
 from data_shards.decode import open_reader
-from data_shards.errors import StaleCacheError
-from data_shards.manifest import load_manifest
+from data_shards.errors import BadDataError, StaleCacheError
+from data_shards.manifest import check_videos_present, load_manifest, video_file
 
 KEY_FILE = "cache_key.json"
 INDEX_FILE = "videos.parquet"
-CACHE_FORMAT = 2
+# 3: the key hashes root-relative paths and no mtimes (a moved dataset keeps its cache);
+# every cache of format 2 is rebuilt once.
+CACHE_FORMAT = 3
 TAP_CHANNELS = 512  # every VGG16 tap (conv4_3, pool4, conv5_3, pool5) has 512 channels
 FORWARD_CHUNK = 32  # frames per backbone forward pass
 VIDEOS_PER_CALL = 8  # videos an actor caches per call (each one's failure is its own row)
@@ -58,6 +61,7 @@ class CacheInfo:
     total_bytes: int
     bytes_per_video: float
     key: dict
+    first_error: str = ""  # of the first video that failed ("" when none did)
 
 
 def cache_backbone(model_cfg):
@@ -73,8 +77,10 @@ def cache_backbone(model_cfg):
 
 
 def manifest_digest(manifest: pa.Table) -> str:
-    """sha256 of the manifest columns that decide which frames the cache holds."""
-    columns = ["video_id", "video_path", "size", "mtime", "num_frames", "subset"]
+    """sha256 of the manifest columns that decide which frames the cache holds: each
+    video's id (its file's name), path relative to `data.root`, size, frames and subset.
+    Not its mtime nor an absolute path, which a copy or a move changes and the taps do not."""
+    columns = ["video_id", "video_path", "size", "num_frames", "subset"]
     content = json.dumps(manifest.select(columns).to_pydict(), sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()
 
@@ -154,7 +160,8 @@ def quantize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _work_table(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> pa.Table:
-    """One row per video: its path and the sorted frames its clips need (train or eval grid)."""
+    """One row per video: its file (joined with `data.root` here, so the actors open what the
+    driver sees) and the sorted frames its clips need (train or eval grid)."""
     clip_len, interval = model_cfg.clip_len, data_cfg.frame_interval
     strides = {"train": data_cfg.train_stride, "test": data_cfg.eval_stride_for(clip_len)}
     frames = [
@@ -163,9 +170,12 @@ def _work_table(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> pa.Table
             manifest["num_frames"].to_pylist(), manifest["subset"].to_pylist(), strict=True
         )
     ]
-    return manifest.select(["video_id", "video_path"]).append_column(
-        "frames", pa.array(frames, pa.list_(pa.int64()))
-    )
+    files = [video_file(data_cfg.root, path) for path in manifest["video_path"].to_pylist()]
+    return pa.table({
+        "video_id": manifest["video_id"],
+        "video_path": pa.array(files, pa.string()),
+        "frames": pa.array(frames, pa.list_(pa.int64())),
+    })
 
 
 class _TapWriter:
@@ -213,12 +223,14 @@ class _TapWriter:
         ok = np.ones(len(ids), dtype=bool)
         errors = np.full(len(ids), "", dtype=object)
         for i, video_id in enumerate(ids):
+            path = str(batch["video_path"][i])
             try:
                 wanted = [int(f) for f in batch["frames"][i]]
-                sizes[i] = self._write(int(video_id), str(batch["video_path"][i]), wanted)
+                sizes[i] = self._write(int(video_id), path, wanted)
             except Exception as e:  # a bad video is reported in videos.parquet, not raised
                 ok[i] = False
-                errors[i] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+                # One line, naming the file: the build's summary prints the first one.
+                errors[i] = f"{path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
         return {"video_id": ids, "bytes": sizes, "ok": ok, "error": errors}
 
 
@@ -240,6 +252,9 @@ def _clear(cache_dir: Path) -> None:
 def _info(cache_dir: Path, index: pa.Table, key: dict) -> CacheInfo:
     ok = index.filter(index["ok"])
     total = int(np.sum(ok["bytes"].to_numpy())) if ok.num_rows else 0
+    failed = index.filter(pc.invert(index["ok"]))
+    first = (f"video {failed['video_id'][0].as_py()}: {failed['error'][0].as_py()}"
+             if failed.num_rows else "")
     return CacheInfo(
         cache_dir,
         index.num_rows,
@@ -247,6 +262,7 @@ def _info(cache_dir: Path, index: pa.Table, key: dict) -> CacheInfo:
         total,
         total / max(ok.num_rows, 1),
         key,
+        first,
     )
 
 
@@ -264,6 +280,11 @@ def build_feature_cache(
     actors run at once, each with a GPU when `use_gpu` (the resource planner's
     `feature_pool` sizes them for a cluster). The key file is written last, so an
     interrupted build is never mistaken for a complete one.
+
+    Refused before any work: videos missing under `data.root` (MissingVideosError). A build
+    in which every video failed writes no key and raises BadDataError with the first reason
+    (a key would pass every run's check, then fail every clip); some failures are counted,
+    with the first reason, in the CacheInfo.
     """
     if not data_cfg.feature_cache:
         raise ValueError("feature_cache = None: set data.feature_cache to a directory")
@@ -276,6 +297,7 @@ def build_feature_cache(
             return _info(cache_dir, pq.read_table(cache_dir / INDEX_FILE), found)
         except StaleCacheError:
             pass
+    check_videos_present(data_cfg, manifest)
     cache_dir.mkdir(parents=True, exist_ok=True)
     _clear(cache_dir)
     written = (
@@ -306,10 +328,17 @@ def build_feature_cache(
     partial = cache_dir / f"{INDEX_FILE}.partial"
     pq.write_table(index, partial)
     partial.rename(cache_dir / INDEX_FILE)
+    info = _info(cache_dir, index, key)
+    if info.num_videos and info.num_failed == info.num_videos:
+        raise BadDataError(
+            f"feature cache {cache_dir}: all {info.num_videos} videos failed; first: "
+            f"{info.first_error}. Fix the videos (or data.root) and run `jlstm data features`"
+            " again"
+        )
     partial = cache_dir / f"{KEY_FILE}.partial"
     partial.write_text(json.dumps(key, indent=2))
     partial.rename(cache_dir / KEY_FILE)
-    return _info(cache_dir, index, key)
+    return info
 
 
 class _ArrayFile:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import time
 from collections import deque
@@ -22,11 +23,14 @@ import ray
 from tqdm import tqdm
 
 from data_shards.config import DataConfig
+from data_shards.manifest import relative_to_root, video_file
 from data_shards.splits import (
     CLASS_NAMES_KEY,
     VideoEntry,
+    parse_class_folders,
     parse_folder_csv,
     parse_hmdb51_splits,
+    parse_list_files,
     parse_ucf101_splits,
     ucf101_class_names,
 )
@@ -39,8 +43,10 @@ TRUNCATION_TOLERANCE = 0.02
 MANIFEST_SCHEMA = pa.schema(
     [
         ("video_id", pa.int64()),
-        ("video_path", pa.string()),  # absolute: what decode workers open
-        ("relative_path", pa.string()),  # as the split files list it
+        # Relative to data.root (posix): decode workers join it with the run's data.root,
+        # so the dataset can move (manifest.video_file).
+        ("video_path", pa.string()),
+        ("relative_path", pa.string()),  # as the split files list it (under the video root)
         ("label", pa.int64()),
         ("label_name", pa.string()),
         ("subset", pa.string()),
@@ -49,13 +55,13 @@ MANIFEST_SCHEMA = pa.schema(
         ("width", pa.int64()),
         ("height", pa.int64()),
         ("size", pa.int64()),
-        ("mtime", pa.int64()),  # ns
+        ("mtime", pa.int64()),  # ns; only for re-indexing (a copy changes it: not in keys)
     ]
 )
 QUARANTINE_SCHEMA = pa.schema(
     [
         ("video_id", pa.int64()),
-        ("video_path", pa.string()),
+        ("video_path", pa.string()),  # relative to data.root, as the manifest's
         ("label", pa.int64()),
         ("subset", pa.string()),
         ("reason", pa.string()),
@@ -108,16 +114,31 @@ def resolve_layout(data_cfg: DataConfig) -> tuple[Path, Path]:
 
 
 def list_entries(data_cfg: DataConfig) -> tuple[list[VideoEntry], list[str]]:
-    """The split's entries sorted by path (their order gives video_id), and class names."""
-    _, splits_dir = resolve_layout(data_cfg)
+    """The split's entries sorted by path (their order gives video_id), and class names.
+
+    A folder dataset reads, in this order: the list files (`train_list`, `test_list`,
+    relative to the splits dir), `split<N>.csv` in the splits dir, else (no splits dir
+    given) its class folders, split by a hash of each path (`test_fraction`, `split_seed`).
+    """
+    video_root, splits_dir = resolve_layout(data_cfg)
+    names: list[str] | None = None
     if data_cfg.dataset == "ucf101":
         entries = parse_ucf101_splits(splits_dir, data_cfg.split)
         names = ucf101_class_names(splits_dir)
+    elif data_cfg.dataset == "hmdb51":
+        entries = parse_hmdb51_splits(splits_dir, data_cfg.split)
+    elif data_cfg.train_list and data_cfg.test_list:
+        class_file = data_cfg.class_names_file
+        entries, names = parse_list_files(
+            splits_dir / data_cfg.train_list,
+            splits_dir / data_cfg.test_list,
+            splits_dir / class_file if class_file else None,
+        )
+    elif (splits_dir / f"split{data_cfg.split}.csv").is_file() or data_cfg.splits_dir:
+        entries = parse_folder_csv(splits_dir / f"split{data_cfg.split}.csv")
     else:
-        if data_cfg.dataset == "hmdb51":
-            entries = parse_hmdb51_splits(splits_dir, data_cfg.split)
-        else:
-            entries = parse_folder_csv(splits_dir / f"split{data_cfg.split}.csv")
+        entries = parse_class_folders(video_root, data_cfg.test_fraction, data_cfg.split_seed)
+    if names is None:
         names = [n for _, n in sorted({(e.label, e.label_name) for e in entries})]
     return sorted(entries, key=lambda e: e.path), names
 
@@ -241,12 +262,20 @@ def probe_all(
     return results
 
 
-def _previous_probes(manifest: Path) -> dict[tuple[str, int, int], dict]:
+def _previous_probes(manifest: Path, root: str) -> dict[tuple[str, int, int], dict]:
     """(path, size, mtime) -> probe columns from an earlier manifest, if there is one."""
     if not manifest.is_file():
         return {}
-    rows = pq.read_table(manifest).to_pylist()
+    rows = relative_to_root(pq.read_table(manifest), root).to_pylist()
     return {(r["video_path"], r["size"], r["mtime"]): r for r in rows}
+
+
+def root_relative(data_cfg: DataConfig, video_root: Path, listed: str) -> str:
+    """The manifest's `video_path` of a video the split lists as `listed` (relative to the
+    video root): relative to `data.root`, posix. Not resolved: a symlinked class folder
+    stays inside the root, and moves with it."""
+    prefix = os.path.relpath(video_root, data_cfg.root)
+    return posixpath.normpath(Path(prefix, listed).as_posix())
 
 
 def index_videos(
@@ -256,20 +285,22 @@ def index_videos(
 
     `out` overrides `data_cfg.manifest_path()`; the quarantine goes beside it. Videos in
     an earlier manifest at the same path with the same size and mtime are not probed again.
+    Paths are written relative to `data.root` (`root_relative`).
     """
     if out:
         data_cfg = data_cfg.model_copy(update={"manifest": str(out)})
     manifest_path, quarantine_path = data_cfg.manifest_path(), data_cfg.quarantine_path()
     video_root, _ = resolve_layout(data_cfg)
     entries, names = list_entries(data_cfg)
-    previous = _previous_probes(manifest_path)
+    previous = _previous_probes(manifest_path, data_cfg.root)
 
     rows, bad, to_probe = [], [], []
     for video_id, entry in enumerate(entries):
-        path = str((video_root / entry.path).resolve())
+        relative = root_relative(data_cfg, video_root, entry.path)
+        path = video_file(data_cfg.root, relative)
         row = {
             "video_id": video_id,
-            "video_path": path,
+            "video_path": relative,
             "relative_path": entry.path,
             "label": entry.label,
             "label_name": entry.label_name,
@@ -283,16 +314,17 @@ def index_videos(
         row.update(size=stat.st_size, mtime=stat.st_mtime_ns)
         if stat.st_size == 0 and S_ISREG(stat.st_mode):  # a FIFO or device goes to the probe
             bad.append({**row, "reason": "empty: the file has 0 bytes"})
-        elif (path, stat.st_size, stat.st_mtime_ns) in previous:
-            old = previous[(path, stat.st_size, stat.st_mtime_ns)]
+        elif (relative, stat.st_size, stat.st_mtime_ns) in previous:
+            old = previous[(relative, stat.st_size, stat.st_mtime_ns)]
             rows.append({**row, **{k: old[k] for k in PROBE_COLUMNS}})
         else:
             to_probe.append(row)
 
-    probes = probe_all([r["video_path"] for r in to_probe], data_cfg.probe_timeout_s, show_progress)
+    files = [video_file(data_cfg.root, r["video_path"]) for r in to_probe]
+    probes = probe_all(files, data_cfg.probe_timeout_s, show_progress)
     num_reused = len(rows)
-    for row in to_probe:
-        result = probes[row["video_path"]]
+    for row, file in zip(to_probe, files, strict=True):
+        result = probes[file]
         if isinstance(result, str):
             bad.append({**row, "reason": result})
         else:

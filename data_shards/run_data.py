@@ -14,11 +14,16 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from data_shards.config import DataConfig
 from data_shards.features import check_cache
-from data_shards.manifest import check_bad_fraction, dataset_digest, load_manifest
+from data_shards.manifest import (
+    check_bad_fraction,
+    check_videos_present,
+    dataset_digest,
+    load_manifest,
+    quarantine_table,
+)
 from data_shards.splits import class_names
 
 
@@ -48,12 +53,17 @@ class RunData:
 
 def load_run_data(data_cfg: DataConfig, model_cfg_for: Any = None) -> RunData:
     """Read the manifest and quarantine of `data_cfg` once and check them: BadDataError
-    past `max_bad_fraction`. With the feature cache on and `model_cfg_for` (num_classes ->
+    past `max_bad_fraction`; decoding (no feature cache), MissingVideosError when videos
+    are not under `data.root`. With the feature cache on and `model_cfg_for` (num_classes ->
     the model config), the cache's key is checked too (StaleCacheError)."""
     manifest = load_manifest(data_cfg)
     path = data_cfg.quarantine_path()
-    quarantine = pq.read_table(path) if path.is_file() else pa.table({"video_path": []})
+    quarantine = (
+        quarantine_table(data_cfg) if path.is_file() else pa.table({"video_path": []})
+    )
     check_bad_fraction(data_cfg, manifest, quarantine)
+    if not data_cfg.use_feature_cache:  # the cached taps are read without the videos
+        check_videos_present(data_cfg, manifest)
     names = class_names(manifest)
     key = None
     if data_cfg.use_feature_cache and model_cfg_for is not None:

@@ -74,12 +74,12 @@ def load_target_cells(
         return None
     boxes = pq.read_table(path).to_pandas().sort_values(["video", "frame"])
     by_video = {video: group for video, group in boxes.groupby("video", sort=False)}
-    base = Path(root).resolve()
     cells: dict[int, np.ndarray] = {}
+    # Both are relative to the dataset root (manifest.py), so they match wherever it lies.
     for video_id, video_path in zip(
         manifest["video_id"].to_pylist(), manifest["video_path"].to_pylist(), strict=True
     ):
-        group = by_video.get(Path(video_path).resolve().relative_to(base).as_posix())
+        group = by_video.get(video_path)
         if group is None:
             continue
         cells[int(video_id)] = np.stack([

@@ -1,10 +1,11 @@
 """`jlstm`: the command line. Each layer registers its own commands; errors a user can fix
 end here as one line and an exit code, never a traceback.
 
-Exit codes: 0 done, 2 config error or a missing file (or `jlstm plan`: does not fit), 3
-tracking server unreachable, 4 data error (too many bad videos or clips, a stale cache),
-5 the run name is being trained by another process, 130 a sweep stopped by Ctrl+C;
-`jlstm reproduce` 1 when some of its runs failed (the next call resumes them).
+Exit codes: 0 done, 2 config error, a missing file or a split file that cannot be read (or
+`jlstm plan`: does not fit), 3 tracking server unreachable, 4 data error (too many bad
+videos or clips, videos missing under data.root, a cache build where every video failed, a
+stale cache), 5 the run name is being trained by another process, 130 a sweep stopped by
+Ctrl+C; `jlstm reproduce` 1 when some of its runs failed (the next call resumes them).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from data_shards.cli import add_data_commands
-from data_shards.errors import BadDataError, ClusterUnavailable, StaleCacheError
+from data_shards.errors import BadDataError, ClusterUnavailable, SplitFileError, StaleCacheError
 from orchestration.cli import add_run_commands
 from orchestration.errors import ConfigError, RunInUse, TrackingUnavailable
 from tune_spaces.cli import add_tune_command
@@ -52,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except FileNotFoundError as err:
         print(f"jlstm: {err}", file=sys.stderr)
+        return 2
+    except SplitFileError as err:
+        print(f"jlstm: split file error: {err}", file=sys.stderr)
         return 2
     except TrackingUnavailable as err:
         print(f"jlstm: {err}", file=sys.stderr)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import torch
 
 from data_shards.decode import decode_clip
+from data_shards.manifest import video_file
 from model import JointAttentionNet, normalize_frames
 from orchestration.config import JlstmConfig
 from orchestration.plots import plot_attention_overlay
@@ -36,8 +37,8 @@ def attention_examples(
             continue
         try:
             frames = decode_clip(
-                row.video_path, 0, int(row.num_frames), model_cfg.clip_len,
-                cfg.data.frame_interval, model_cfg.frame_size,
+                video_file(cfg.data.root, row.video_path), 0, int(row.num_frames),
+                model_cfg.clip_len, cfg.data.frame_interval, model_cfg.frame_size,
             )
         except Exception as err:  # decord raises RuntimeError, DECORDError, ...
             log.warning("attention example: skipped %s: %s", row.video_path, err)

@@ -90,6 +90,8 @@ def _cmd_features(args: argparse.Namespace) -> int:
         f"feature cache {info.cache_dir}: {info.num_videos} videos ({info.num_failed} failed), "
         f"{info.total_bytes / 2**20:.1f} MiB, {info.bytes_per_video / 2**20:.2f} MiB per video"
     )
+    if info.num_failed:  # their clips will be bad clips: say which and why, once
+        print(f"  {info.num_failed} failed; first: {info.first_error}")
     return 0
 
 

@@ -48,6 +48,11 @@ class TrainConfig(_Section):
         "auto: on a CUDA device with optimizer adamw, eager elsewhere; on: refuse to run "
         "without them",
     )
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16",
+        description="the training step's arithmetic on CUDA: bf16 autocast (the default) or "
+        "fp32 throughout; the CPU always trains in fp32",
+    )
 
     @field_validator("cuda_graphs", mode="before")
     @classmethod

@@ -332,6 +332,7 @@ def finish_run(
         info = registry.log_model(
             net, net.cfg, data.class_names, registered_model_name=registered,
             frame_interval=cfg.data.frame_interval,
+            clip_stride=cfg.data.eval_stride_for(net.cfg.clip_len),
         )
         if registered:
             version = str(info.registered_model_version)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from model.video import video_scores
 from orchestration.plots import plot_confusion_matrix
 
 MODES = ("vote", "prob")
@@ -157,25 +158,18 @@ def mean_class_accuracy(correct: np.ndarray, label: np.ndarray) -> float:
 
 
 def aggregate_videos(preds: ClipPredictions) -> VideoScores:
-    """Average the clip scores of every video (MODEL_SPEC: video prediction)."""
-    video_id, inverse = np.unique(preds.video_id, return_inverse=True)
-    counts = np.bincount(inverse, minlength=len(video_id)).astype(np.float64)
-
-    def mean_rows(scores: np.ndarray) -> np.ndarray:
-        sums = np.zeros((len(video_id), scores.shape[1]), dtype=np.float64)
-        np.add.at(sums, inverse, scores)
-        return sums / counts[:, None]
-
+    """Every video's scores from its clips' (MODEL_SPEC: video prediction), by the model's
+    video rule (`model.video.video_scores`: what `jlstm predict` and the served model do)."""
+    video_id, scores_vote = video_scores(preds.video_id, preds.scores_vote)
+    _, scores_prob = video_scores(preds.video_id, preds.scores_prob)
+    _, inverse = np.unique(preds.video_id, return_inverse=True)
     label = np.zeros(len(video_id), dtype=np.int64)
     label[inverse] = preds.label
     # A video has one label; a mismatch means the clip table was built wrongly.
     if not np.array_equal(label[inverse], preds.label):
         raise ValueError("clips of the same video carry different labels")
     return VideoScores(
-        video_id=video_id,
-        label=label,
-        scores_vote=mean_rows(preds.scores_vote),
-        scores_prob=mean_rows(preds.scores_prob),
+        video_id=video_id, label=label, scores_vote=scores_vote, scores_prob=scores_prob
     )
 
 

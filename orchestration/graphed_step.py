@@ -22,6 +22,13 @@ once and replays them with one launch. What that asks of the step, and how it is
   eager steps before the capture (PyTorch's CUDA graphs notes, "Usage with
   DistributedDataParallel": DDP builds its buckets over its first iterations); the
   all-reduce is captured with the rest (NCCL >= 2.9.6). Ray Train runs one GPU per worker.
+  Whether to replay is decided by all ranks together (`all_ranks_agree`): a rank whose
+  capture failed and fell back to eager alone would leave the others waiting in an
+  all-reduce its eager step runs at another point.
+- Released explicitly (`close`): a graph holding a captured NCCL all-reduce that is still
+  alive when the process group is destroyed makes `destroy_process_group` hang (pytorch
+  issue 115388), and a traceback would keep it alive; the worker closes its step when
+  training ends, on error too.
 
 The warm-up steps are ordinary training steps on the same buffers, so the run trains the
 same steps either way; `graph_replays` counts the steps the graph ran.
@@ -33,6 +40,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -56,6 +64,17 @@ def use_cuda_graphs(cfg: TrainConfig, device: torch.device) -> bool:
             "need a CUDA device; set train.cuda_graphs = auto or off"
         )
     return device.type == "cuda" and cfg.optimizer == "adamw"
+
+
+def all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """Whether `ok` holds on every rank of the default process group (an all-reduce of
+    its minimum on `device`: a CUDA device under NCCL, the CPU under gloo); `ok` itself
+    without a process group of more than one rank. Every rank must call it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def pad_rows(
@@ -115,6 +134,7 @@ class GraphedTrainStep:
         self.eager_only = False  # a capture failed under `auto`
         self.eager_steps = 0
         self.graph_replays = 0
+        self.closed = False
 
     def step(self, rows: dict[str, np.ndarray], weight: float) -> int:
         """One optimizer step on `rows` padded to the fixed batch (its clips that decoded
@@ -141,7 +161,21 @@ class GraphedTrainStep:
         self.weight.fill_(weight)
         self._run()
 
+    def close(self) -> None:
+        """Release the graph (its `reset`) and the input buffers, and wait for the device.
+        Call before the process group is destroyed (pytorch issue 115388, module
+        docstring) and when the worker's training ends, on error too; no step after."""
+        if self.graph is not None:
+            torch.cuda.synchronize(self.device)
+            self.graph.reset()
+            self.graph = None
+        self.inputs = {}
+        self.closed = True
+        torch.cuda.synchronize(self.device)
+
     def _run(self) -> None:
+        if self.closed:
+            raise RuntimeError("GraphedTrainStep.step after close()")
         if self.graph is not None:
             self.graph.replay()
             self.graph_replays += 1
@@ -159,26 +193,36 @@ class GraphedTrainStep:
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates them
         torch.cuda.synchronize(self.device)
+        error: RuntimeError | None = None
         try:
             # thread_local: the clip reader's thread and Ray's may use CUDA meanwhile.
             with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 self._step()
         except RuntimeError as err:
-            if self.cfg.cuda_graphs == "on":
-                raise
-            warnings.warn(
-                f"CUDA graph capture of the training step failed, training eagerly "
-                f"(train.cuda_graphs = auto): {err}", stacklevel=2,
-            )
-            self.eager_only = True
-            self.optimizer.zero_grad(set_to_none=True)
+            error = err
+        # Every rank replays, or every rank steps eagerly: decided together.
+        if all_ranks_agree(error is None, self.device):
+            self.graph = graph
             return
-        self.graph = graph
+        if error is None:  # captured here, failed on another rank
+            graph.reset()
+        reason = str(error) if error is not None else "it failed on another rank"
+        if self.cfg.cuda_graphs == "on":
+            raise RuntimeError(
+                f"CUDA graph capture of the training step failed (train.cuda_graphs = on): "
+                f"{reason}"
+            ) from error
+        warnings.warn(
+            f"CUDA graph capture of the training step failed, training eagerly "
+            f"(train.cuda_graphs = auto): {reason}", stacklevel=2,
+        )
+        self.eager_only = True
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _step(self) -> None:
         fixed_shape_step(
             self.net, self.core, self.optimizer, self.cfg.grad_clip, self.sums,
-            self.inputs, self.labels, self.valid, self.weight,
+            self.inputs, self.labels, self.valid, self.weight, self.cfg.precision,
         )
 
 
@@ -189,13 +233,13 @@ def _torch_dtype(array: np.ndarray) -> torch.dtype:
 def fixed_shape_step(
     net: nn.Module, core: JointAttentionNet, optimizer: torch.optim.Optimizer,
     grad_clip: float | None, sums: EpochSums, inputs: dict[str, torch.Tensor],
-    labels: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor,
+    labels: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor, precision: str = "bf16",
 ) -> None:
     """The step that a graph holds, on tensors already on the device: forward, the loss
     over the rows of `valid` weighted `weight` (a 0-dim tensor), backward, clipping, the
     optimizer, the epoch's sums. Device work only: no value is read back, no tensor is made
     from host data (tests/test_cuda_graphs.py checks it op by op on the CPU)."""
-    with autocast(labels.device):
+    with autocast(labels.device, precision):
         out = net(model_inputs(inputs))
         losses = core.losses(out, labels, weights=valid)
     optimizer.zero_grad(set_to_none=True)

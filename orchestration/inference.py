@@ -6,25 +6,24 @@ import shutil
 import uuid
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from data_shards.clips import clip_starts
 from data_shards.cluster import init_ray
 from data_shards.datasets import build_datasets, clip_readers
-from data_shards.decode import decode_clip, open_reader
+from data_shards.errors import BadDataError
 from data_shards.index import ensure_index
 from data_shards.run_data import RunData, load_run_data
 from model import ModelConfig, normalize_frames
+from model import video as model_video
 from orchestration import registry, tracking
 from orchestration.checkpoint import BAD_CLIPS_FILE, EVAL_DIR
 from orchestration.config import JlstmConfig
 from orchestration.driver import SplitEvalDataConfig, check_test_clips_scored
 from orchestration.metrics import EVAL_PREFIX
-from orchestration.mlflow_model import PREDICT_BATCH, predict_proba
+from orchestration.mlflow_model import with_frame_interval
 from orchestration.plots import plot_attention_overlay
 from orchestration.session import plan_run, run_storage
 from orchestration.worker import SETUP_KEY, EvalSetup, eval_loop_per_worker
@@ -113,39 +112,30 @@ def predict_video(
     attention_png: str | Path | None = None,
     frame_interval: int | None = None,
 ) -> list[tuple[str, float]]:
-    """Top-k (class, probability) for one video: clip scores averaged over all its clips.
+    """Top-k (class, score) of one video by the model's own pipeline (`model.video`: the
+    clip grid its metadata names, its clip rule, clip scores averaged), which the served
+    model and `jlstm eval` use too.
 
-    `frame_interval` defaults to the one the model was trained with.
+    `frame_interval` defaults to the one the model was trained with. A video that cannot be
+    decoded raises `BadDataError` naming it and the decoder's reason.
     """
     video = Path(video)
     if not video.is_file():
         raise FileNotFoundError(f"video {str(video)!r} does not exist")
     tracking.connect()
-    loaded = registry.load_model(model_uri)
-    cfg = loaded.model_cfg
-    if frame_interval is None:
-        frame_interval = loaded.frame_interval
-    num_frames = len(open_reader(str(video), cfg.frame_size))
-    starts = clip_starts(num_frames, cfg.clip_len, cfg.clip_len, frame_interval)
-    # Decoded and scored PREDICT_BATCH clips at a time: a long video never has all its
-    # clips in memory at once.
-    total = np.zeros(len(loaded.class_names), dtype=np.float64)
-    first_clip = None
-    for lo in range(0, len(starts), PREDICT_BATCH):
-        clips = np.stack([
-            decode_clip(str(video), s, num_frames, cfg.clip_len, frame_interval, cfg.frame_size)
-            for s in starts[lo : lo + PREDICT_BATCH]
-        ])
-        first_clip = clips[0] if first_clip is None else first_clip
-        total += predict_proba(loaded, clips).sum(axis=0)
-    scores = total / len(starts)
-    top = np.argsort(-scores, kind="stable")[:top_k]
+    loaded = with_frame_interval(registry.load_model(model_uri), frame_interval)
+    try:
+        prediction = model_video.predict_video(loaded.net, video, loaded.grid)
+    except model_video.VideoError as err:
+        raise BadDataError(f"cannot decode {video}: {err}") from None
+    ranked = model_video.top_k(prediction.scores, loaded.class_names, top_k)
     if attention_png:
+        clip = prediction.first_clip
         device = next(loaded.net.parameters()).device
         with torch.no_grad():
-            out = loaded.net(normalize_frames(torch.as_tensor(first_clip[None]).to(device)))
+            out = loaded.net(normalize_frames(torch.as_tensor(clip[None]).to(device)))
         plot_attention_overlay(
-            first_clip, out.attention[0].cpu().numpy(), Path(attention_png),
-            title=f"{video.name}: {loaded.class_names[int(top[0])]}",
+            clip, out.attention[0].cpu().numpy(), Path(attention_png),
+            title=f"{video.name}: {ranked[0][0]}",
         )
-    return [(loaded.class_names[int(i)], float(scores[i])) for i in top]
+    return ranked

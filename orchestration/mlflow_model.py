@@ -1,24 +1,37 @@
-"""The registered model's pyfunc: JointAttentionNet rebuilt from a state dict and its config.
+"""The registered model's pyfunc: videos in, one labelled row per video out.
 
 MLflow logs this file as "models from code" (see `orchestration.registry.log_model`): loading
-runs this file and `load_context` rebuilds the network from three plain artifacts, so no
-pickled Python object is ever unpickled. It imports only torch, numpy, mlflow and the
-`model` package (shipped with the model as code), never the rest of `orchestration`.
+runs this file and `load_context` rebuilds JointAttentionNet from three plain artifacts (a
+state dict, its `ModelConfig` as JSON, the class names), so no pickled Python object is ever
+unpickled. It imports only torch, numpy, pandas, mlflow and the `model` package (shipped with
+the model as code), never the rest of `orchestration`: a video becomes a prediction in
+`model.video`, the one pipeline `jlstm predict` and `jlstm eval` use too.
+
+Input: a DataFrame with a `video_b64` column (the video file's bytes, base64) or a `video`
+column (a path, read only under the folder the server names in `JLSTM_VIDEO_ROOT`; relative
+paths are taken under it). Output, one row per input row: `label`, `score`, `top_k` (a list
+of {label, score}), `num_clips`, `error` ("" when fine; else `label` is "", `score` 0). A
+video that cannot be read gives its row an error; the other rows are still answered.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 
-from model import JointAttentionNet, ModelConfig, clip_scores, normalize_frames
+from model import JointAttentionNet, ModelConfig
+from model.video import ClipGrid, VideoError, predict_video, top_k
 
 WEIGHTS_FILE = "state_dict.pt"
 CONFIG_FILE = "model_config.json"
@@ -29,18 +42,45 @@ ARTIFACT_FILES = {
     "model_config": CONFIG_FILE,
     "class_names": CLASS_NAMES_FILE,
 }
-# Clips per forward pass in `predict`: bounds memory for large requests.
-PREDICT_BATCH = 8
+# The model's clip grid and format, in the MLmodel metadata (what the registry page shows and
+# `registry.load_model` reads) and in the pyfunc's `model_config` (what `load_context` gets).
+FRAME_INTERVAL_KEY = "frame_interval"  # the training clips' frame step
+CLIP_STRIDE_KEY = "clip_stride"  # `jlstm eval`'s `data.eval_stride` (default clip_len)
+FORMAT_KEY = "format_version"
+# 1: uint8 clips [B, T, S, S, 3] in, class probabilities out (it recorded no version).
+# 2: videos in (`video_b64` or `video`), one row of label, score, top_k, num_clips, error out.
+MODEL_FORMAT = 2
+VIDEO_ROOT_ENV = "JLSTM_VIDEO_ROOT"
+INPUT_COLUMNS = ("video_b64", "video")
+OUTPUT_COLUMNS = ("label", "score", "top_k", "num_clips", "error")
+DEFAULT_TOP_K = 5
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A network ready for inference, with the config and class names it was trained with."""
+    """A network ready for inference, with the config, class names and clip grid it was
+    trained and evaluated with."""
 
     net: JointAttentionNet
     model_cfg: ModelConfig
     class_names: list[str]
-    frame_interval: int = 1  # the training clips' frame step; clips to score need the same
+    grid: ClipGrid
+
+    @property
+    def frame_interval(self) -> int:
+        """The training clips' frame step (clips to score need the same)."""
+        return self.grid.frame_interval
+
+
+def grid_of(model_cfg: ModelConfig, pipeline: dict[str, Any] | None) -> ClipGrid:
+    """The clip grid a logged model names (its metadata); a model logged before the grid was
+    recorded scores clips every `clip_len` frames (what predict and eval both did then)."""
+    pipeline = pipeline or {}
+    return ClipGrid(
+        clip_len=model_cfg.clip_len,
+        stride=int(pipeline.get(CLIP_STRIDE_KEY) or model_cfg.clip_len),
+        frame_interval=int(pipeline.get(FRAME_INTERVAL_KEY) or 1),
+    )
 
 
 def load_from_files(
@@ -48,8 +88,10 @@ def load_from_files(
     model_config: str | Path,
     class_names: str | Path,
     device: str | torch.device = "cpu",
+    pipeline: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Rebuild the network from its config and load the saved weights (eval mode)."""
+    """Rebuild the network from its config and load the saved weights (eval mode); `pipeline`
+    is the logged model's metadata (its clip grid)."""
     cfg = ModelConfig.model_validate(json.loads(Path(model_config).read_text()))
     # The saved state dict already holds the backbone's weights, so the build must not need
     # the training machine's VGG16 file, and its "randomly initialized" warning is moot.
@@ -60,35 +102,86 @@ def load_from_files(
     net.load_state_dict(state)
     net.to(device).eval()
     return LoadedModel(
-        net=net, model_cfg=cfg, class_names=json.loads(Path(class_names).read_text())
+        net=net, model_cfg=cfg, class_names=json.loads(Path(class_names).read_text()),
+        grid=grid_of(cfg, pipeline),
     )
 
 
-@torch.inference_mode()
-def predict_proba(loaded: LoadedModel, frames: np.ndarray) -> np.ndarray:
-    """Class scores [B, C] (rows sum to 1) of uint8 clips [B, T, S, S, 3].
+def with_frame_interval(loaded: LoadedModel, frame_interval: int | None) -> LoadedModel:
+    """`loaded` with its grid's frame step replaced (None: kept)."""
+    if frame_interval is None:
+        return loaded
+    return replace(loaded, grid=replace(loaded.grid, frame_interval=frame_interval))
 
-    Scores follow the config's clip rule (`prediction`: the paper's `vote`, or `prob`).
-    """
-    frames = np.asarray(frames)
-    if frames.ndim != 5 or frames.dtype != np.uint8:
+
+def _given(value: Any) -> bool:
+    """Whether a cell holds a value (a column one row of a request leaves out is NaN)."""
+    return isinstance(value, str) and value != ""
+
+
+def _resolve_under_root(path: str) -> Path:
+    """The file `path` names under `JLSTM_VIDEO_ROOT`; raises ValueError, before anything is
+    read, for a server without a root, a path outside it (symlinks followed) or no file."""
+    root = os.environ.get(VIDEO_ROOT_ENV)
+    if not root:
         raise ValueError(
-            f"expected uint8 frames [B, T, S, S, 3], got {frames.dtype} {frames.shape}"
+            f"video paths are refused: the server has no {VIDEO_ROOT_ENV}; send the file's "
+            "bytes as video_b64"
         )
-    device = next(loaded.net.parameters()).device
-    cfg = loaded.model_cfg
-    out = []
-    for start in range(0, len(frames), PREDICT_BATCH):
-        batch = torch.from_numpy(frames[start : start + PREDICT_BATCH]).to(device)
-        logits = loaded.net(normalize_frames(batch)).step_logits
-        out.append(clip_scores(logits.float(), cfg.last_steps, cfg.prediction).cpu().numpy())
-    if not out:
-        return np.zeros((0, cfg.num_classes), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32)
+    root_dir = Path(root).resolve()
+    resolved = (root_dir / path).resolve()  # an absolute `path` stays itself
+    if not resolved.is_relative_to(root_dir):
+        raise ValueError(f"video {path!r} is outside {VIDEO_ROOT_ENV}")
+    if not resolved.is_file():
+        raise ValueError(f"video {path!r}: no such file under {VIDEO_ROOT_ENV}")
+    return resolved
+
+
+def _video_of(row: dict[str, Any]) -> bytes | Path:
+    """The video one input row names: its decoded bytes or its checked path."""
+    b64, path = row.get("video_b64"), row.get("video")
+    if _given(b64) and _given(path):
+        raise ValueError("give video_b64 or video, not both")
+    if _given(b64):
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise ValueError(f"video_b64 is not base64: {err}") from None
+        if not data:
+            raise ValueError("video_b64 is empty")
+        return data
+    if _given(path):
+        return _resolve_under_root(path)
+    raise ValueError("no video: give video_b64 (the file's bytes, base64) or video (a path)")
+
+
+def predict_videos(loaded: LoadedModel, rows: pd.DataFrame, k: int = DEFAULT_TOP_K) -> pd.DataFrame:
+    """One output row per input row (see the module's docstring); never raises for a bad
+    video, only for a broken model or machine."""
+    out: dict[str, list[Any]] = {column: [] for column in OUTPUT_COLUMNS}
+    for row in rows.to_dict(orient="records"):
+        try:
+            prediction = predict_video(loaded.net, _video_of(row), loaded.grid)
+        except VideoError as err:
+            result = {"error": f"cannot decode the video: {err}"}
+        except ValueError as err:
+            result = {"error": str(err)}
+        else:
+            ranked = top_k(prediction.scores, loaded.class_names, k)
+            result = {
+                "label": ranked[0][0], "score": ranked[0][1],
+                "top_k": [{"label": name, "score": score} for name, score in ranked],
+                "num_clips": prediction.num_clips, "error": "",
+            }
+        defaults = {"label": "", "score": 0.0, "top_k": [], "num_clips": 0, "error": ""}
+        for column in OUTPUT_COLUMNS:
+            out[column].append({**defaults, **result}[column])
+    frame = pd.DataFrame(out, columns=list(OUTPUT_COLUMNS))
+    return frame.astype({"score": np.float64, "num_clips": np.int64})
 
 
 class JointAttentionPyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc interface: uint8 frames [B, T, S, S, 3] in, class probabilities [B, C] out."""
+    """pyfunc interface: a DataFrame of videos in, a DataFrame of predictions out."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Rebuild the network from the logged artifacts, on the GPU when there is one."""
@@ -98,16 +191,19 @@ class JointAttentionPyfunc(mlflow.pyfunc.PythonModel):
             context.artifacts["model_config"],
             context.artifacts["class_names"],
             device=device,
+            pipeline=context.model_config,
         )
 
     def predict(
         self,
         context: mlflow.pyfunc.PythonModelContext,
-        model_input: np.ndarray,
+        model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
-    ) -> np.ndarray:
-        """Class probabilities [B, C] of a batch of uint8 clips [B, T, S, S, 3]."""
-        return predict_proba(self.loaded, model_input)
+    ) -> pd.DataFrame:
+        """Rows of `video_b64` or `video` in; label, score, top_k, num_clips, error out.
+        `params`: `top_k`, how many classes each row's `top_k` lists (default 5)."""
+        k = int((params or {}).get("top_k") or DEFAULT_TOP_K)
+        return predict_videos(self.loaded, pd.DataFrame(model_input), k)
 
 
 mlflow.models.set_model(JointAttentionPyfunc())

@@ -5,39 +5,53 @@ loaded, described and promoted to the `champion` alias.
 
 from __future__ import annotations
 
-import dataclasses
+import base64
 import json
 import tempfile
-import warnings
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array, Object, Property
 
 import model as model_package
+from data_shards.synth import write_video
 from model import ModelConfig
 from orchestration import mlflow_model
 from orchestration.config import JlstmConfig
 from orchestration.metrics import VAL_VIDEOS_SCORED, VIDEO_TOP1_PROB, VIDEO_TOP1_VOTE
-from orchestration.mlflow_model import LoadedModel, load_from_files
+from orchestration.mlflow_model import (
+    CLIP_STRIDE_KEY,
+    DEFAULT_TOP_K,
+    FORMAT_KEY,
+    FRAME_INTERVAL_KEY,
+    MODEL_FORMAT,
+    LoadedModel,
+    load_from_files,
+)
 
 CHAMPION_ALIAS = "champion"
 SPLIT_TAG = "split"
 SCORE_TAG = "video_top1"
 TEST_VIDEOS_TAG = "test_videos"  # how many test videos the score covers
 DATASET_TAG = "dataset_digest"  # data_shards.datasets.dataset_digest of the run's manifest
-FRAME_INTERVAL_KEY = "frame_interval"  # in the MLmodel metadata
+# The version's model format (`mlflow_model.MODEL_FORMAT`); a version without it is format 1.
+FORMAT_TAG = FORMAT_KEY
 # Packages the pyfunc needs at load time; pinned so the environment is reproducible, and
 # listed instead of inferred because inference loads the model in a subprocess (slow).
-_REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pydantic")
+_REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pydantic")
+# The module the pyfunc decodes videos with (`model.video`); its distribution is whichever
+# installed one provides it (decord, or a fork such as decord2), at its installed version.
+_DECODER_MODULE = "decord"
 
 
 def registered_model_name(dataset: str) -> str:
@@ -45,18 +59,48 @@ def registered_model_name(dataset: str) -> str:
     return f"jlstm-{dataset}"
 
 
-def model_signature(model_cfg: ModelConfig) -> ModelSignature:
-    """uint8 frames [-1, T, S, S, 3] in, float32 class probabilities [-1, C] out."""
-    t, s = model_cfg.clip_len, model_cfg.frame_size
-    frames = TensorSpec(np.dtype(np.uint8), (-1, t, s, s, 3))
-    probabilities = TensorSpec(np.dtype(np.float32), (-1, model_cfg.num_classes))
-    return ModelSignature(inputs=Schema([frames]), outputs=Schema([probabilities]))
+def model_signature() -> ModelSignature:
+    """Videos in (`video_b64`: the file's bytes in base64, or `video`: a path under the
+    server's `JLSTM_VIDEO_ROOT`), one prediction row out; `top_k` a parameter."""
+    ranked = Array(Object([Property("label", DataType.string), Property("score", DataType.double)]))
+    return ModelSignature(
+        inputs=Schema([
+            ColSpec(DataType.string, "video_b64", required=False),
+            ColSpec(DataType.string, "video", required=False),
+        ]),
+        outputs=Schema([
+            ColSpec(DataType.string, "label"),
+            ColSpec(DataType.double, "score"),
+            ColSpec(ranked, "top_k"),
+            ColSpec(DataType.long, "num_clips"),
+            ColSpec(DataType.string, "error"),
+        ]),
+        params=ParamSchema([ParamSpec("top_k", DataType.long, DEFAULT_TOP_K)]),
+    )
+
+
+def example_video(path: Path, frames: int = 12, size: int = 32) -> Path:
+    """A tiny real video (a square moving east on grey, MPEG-4 in AVI, about 4 KB): the
+    logged model's input example, stored with every model, so it stays small."""
+    clip = np.full((frames, size, size, 3), 96, dtype=np.uint8)
+    for t in range(frames):
+        left = (2 * t) % (size - 8)
+        clip[t, 12:20, left : left + 8] = (230, 60, 40)
+    return write_video(path, clip, bit_rate=100_000)
+
+
+def input_example(tmp: Path) -> pd.DataFrame:
+    """One row: `example_video` as `video_b64`."""
+    data = example_video(tmp / "example.avi").read_bytes()
+    return pd.DataFrame({"video_b64": [base64.b64encode(data).decode("ascii")]})
 
 
 def _pip_requirements() -> list[str]:
-    """`pkg==version` of the installed packages the pyfunc imports (local tags dropped)."""
+    """`pkg==version` of the installed packages the pyfunc imports (local tags dropped), the
+    video decoder's distribution included."""
+    decoder = packages_distributions().get(_DECODER_MODULE, [_DECODER_MODULE])[0]
     pins = []
-    for package in _REQUIREMENTS:
+    for package in (*_REQUIREMENTS, decoder):
         try:
             pins.append(f"{package}=={version(package).split('+', 1)[0]}")
         except PackageNotFoundError:
@@ -71,6 +115,7 @@ def log_model(
     *,
     registered_model_name: str | None,
     frame_interval: int = 1,
+    clip_stride: int | None = None,
     name: str = "model",
 ) -> ModelInfo:
     """Log the network to the active run as a pyfunc model; register it when a name is given.
@@ -78,13 +123,24 @@ def log_model(
     Decision: a state dict + JSON config, rebuilt by code and loaded with
     `torch.load(weights_only=True)`, because a pickled model would execute arbitrary code on
     load and `pt2` (torch.export) needs an example input and ties the model to one export.
-    The training clips' `frame_interval` goes into the MLmodel metadata, so `predict` samples
-    a video's clips the way the model saw them.
+    The model's clip grid goes into the MLmodel metadata (and the pyfunc's `model_config`):
+    the training clips' `frame_interval` and `clip_stride`, the evaluation's
+    `data.eval_stride` (None: `clip_len`), so the served model, `jlstm predict` and `jlstm
+    eval` score a video's clips alike (`model.video`); with them `format_version`
+    (`MODEL_FORMAT`).
+
+    MLflow runs the input example through the loaded model once to check that it serves
+    (one clip of `clip_len` frames at `frame_size`: a second on a CPU at the demo's size).
     """
     if len(class_names) != model_cfg.num_classes:
         raise ValueError(
             f"{len(class_names)} class names for a model of {model_cfg.num_classes} classes"
         )
+    pipeline = {
+        FRAME_INTERVAL_KEY: int(frame_interval),
+        CLIP_STRIDE_KEY: int(clip_stride or model_cfg.clip_len),
+        FORMAT_KEY: MODEL_FORMAT,
+    }
     module = getattr(net, "module", net)  # unwrap DistributedDataParallel
     state = {key: value.detach().cpu() for key, value in module.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,48 +148,58 @@ def log_model(
         torch.save(state, files["weights"])
         files["model_config"].write_text(json.dumps(model_cfg.model_dump(mode="json"), indent=2))
         files["class_names"].write_text(json.dumps(list(class_names)))
-        with warnings.catch_warnings():
-            # The explicit TensorSpec signature makes an input example unnecessary; one at
-            # the paper's size (30 x 384 x 384 x 3 uint8) would add 13 MB to every model.
-            warnings.filterwarnings("ignore", message=".*input example was not provided")
-            return mlflow.pyfunc.log_model(
-                name=name,
-                python_model=str(Path(mlflow_model.__file__).resolve()),
-                artifacts={key: str(path) for key, path in files.items()},
-                # The `model` package travels with the artifact, so it loads outside this repo.
-                code_paths=[str(Path(model_package.__file__).resolve().parent)],
-                signature=model_signature(model_cfg),
-                pip_requirements=_pip_requirements(),
-                registered_model_name=registered_model_name,
-                metadata={FRAME_INTERVAL_KEY: frame_interval},
-            )
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(Path(mlflow_model.__file__).resolve()),
+            artifacts={key: str(path) for key, path in files.items()},
+            # The `model` package travels with the artifact, so it loads outside this repo.
+            code_paths=[str(Path(model_package.__file__).resolve().parent)],
+            signature=model_signature(),
+            input_example=input_example(Path(tmp)),
+            pip_requirements=_pip_requirements(),
+            registered_model_name=registered_model_name,
+            # Two copies: one shared dict would be written as a YAML anchor and alias.
+            metadata=dict(pipeline),
+            model_config=dict(pipeline),
+        )
 
 
 def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
     """Download a logged model (`models:/name@alias`, `models:/name/version`, `runs:/...`)
-    and rebuild the network from its artifacts, in eval mode on `device`."""
+    and rebuild the network from its artifacts, in eval mode on `device`, with the clip grid
+    its metadata names."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         mlmodel = mlflow.models.Model.load(local)
         conf = mlmodel.flavors["python_function"]
         artifacts = {key: local / entry["path"] for key, entry in conf["artifacts"].items()}
-        loaded = load_from_files(
-            artifacts["weights"], artifacts["model_config"], artifacts["class_names"], device
+        return load_from_files(
+            artifacts["weights"], artifacts["model_config"], artifacts["class_names"], device,
+            pipeline=mlmodel.metadata,
         )
-    frame_interval = int((mlmodel.metadata or {}).get(FRAME_INTERVAL_KEY, 1))
-    return dataclasses.replace(loaded, frame_interval=frame_interval)
+
+
+def format_of(version: ModelVersion) -> int:
+    """A version's model format (`FORMAT_TAG`); versions registered before it was tagged are
+    format 1 (clips in, probabilities out)."""
+    return int(version.tags.get(FORMAT_TAG, "1"))
 
 
 def _beats(challenger: ModelVersion, holder: ModelVersion) -> bool:
     """Whether `challenger` may take `champion` from `holder`: the same split and dataset
-    digest (the same test set), no fewer test videos scored, and a strictly higher video
-    top-1. A holder without a score tag compares as NaN, so it is kept."""
+    digest (the same test set), no fewer test videos scored, and a higher video top-1, or an
+    equal one from a newer model format (so an older champion that cannot take videos goes to
+    the next run that scores as well). A holder without a score tag compares as NaN, so it is
+    kept. (score, format) ordered lexicographically: no two versions beat each other."""
     tags, held = challenger.tags, holder.tags
     if any(tags.get(t) != held.get(t) for t in (SPLIT_TAG, DATASET_TAG)):
         return False
     if int(tags.get(TEST_VIDEOS_TAG, "0")) < int(held.get(TEST_VIDEOS_TAG, "0")):
         return False
-    return float(tags.get(SCORE_TAG, "nan")) > float(held.get(SCORE_TAG, "nan"))
+    score, held_score = float(tags.get(SCORE_TAG, "nan")), float(held.get(SCORE_TAG, "nan"))
+    if score == held_score:
+        return format_of(challenger) > format_of(holder)
+    return score > held_score
 
 
 def promote_if_better(
@@ -144,14 +210,17 @@ def promote_if_better(
     video_top1: float,
     test_videos: int,
     dataset_digest: str,
+    model_format: int = MODEL_FORMAT,
 ) -> bool:
-    """Tag a version with its split, dataset digest, video top-1 and the number of test
-    videos scored, then let `champion` climb to the best version; returns whether the alias
-    moved to this version.
+    """Tag a version with its split, dataset digest, video top-1, the number of test videos
+    scored and its model format (that of the code that logged it: this one's by default),
+    then let `champion` climb to the best version; returns whether the alias moved to this
+    version.
 
     The alias only moves to a version that beats its holder (`_beats`): a champion on
     another split or dataset digest stays, and a version scored on fewer test videos (some
-    failed to decode) never replaces one scored on more. MLflow has no compare-and-set, so
+    failed to decode) never replaces one scored on more. A version of a newer format takes
+    the alias from one of an older format at an equal score. MLflow has no compare-and-set, so
     two runs promoting at once could each act on a stale read; every promoter therefore
     re-reads after it moves the alias and moves it again until no tagged version beats the
     holder. All versions are tagged before any promoter compares, so whichever writes the
@@ -160,7 +229,8 @@ def promote_if_better(
     client = MlflowClient()
     version = str(version)
     tags = {SPLIT_TAG: str(split), SCORE_TAG: repr(float(video_top1)),
-            TEST_VIDEOS_TAG: str(test_videos), DATASET_TAG: dataset_digest}
+            TEST_VIDEOS_TAG: str(test_videos), DATASET_TAG: dataset_digest,
+            FORMAT_TAG: str(model_format)}
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, value)
     def holder() -> str | None:  # the alias's version, as a string whatever the store gives
@@ -180,7 +250,7 @@ def promote_if_better(
         challengers = [v for v in versions.values() if _beats(v, versions[current])]
         if not challengers:
             return current == version != first_holder
-        best = max(challengers, key=lambda v: float(v.tags[SCORE_TAG]))
+        best = max(challengers, key=lambda v: (float(v.tags[SCORE_TAG]), format_of(v)))
         _set_champion(client, registered_name, str(best.version))
 
 
@@ -200,12 +270,21 @@ def describe_version(
     digest: str,
 ) -> None:
     """What a user browsing the registry reads: the model's and the version's description
-    (variant, dataset, split, digest, test figures, the predict line)."""
-    predict = f"jlstm predict VIDEO --model models:/{name}@{CHAMPION_ALIAS}"
+    (variant, dataset, split, digest, test figures, the champion rule, the predict and serve
+    lines)."""
+    uri = f"models:/{name}@{CHAMPION_ALIAS}"
+    predict = f"jlstm predict VIDEO --model {uri}"
+    serve = f"mlflow models serve -m {uri} --env-manager local"
     client.update_registered_model(name, description=(
         f"jlstm: {cfg.data.dataset} action recognition (Wu et al. 2016, joint attention on "
-        f"multi-level deep features); the alias @{CHAMPION_ALIAS} holds the best "
-        f"version on the same split and dataset digest. Predict: `{predict}`"
+        f"multi-level deep features). The alias @{CHAMPION_ALIAS} holds the best version on "
+        f"the same split and dataset digest, scored on no fewer test videos: a higher video "
+        f"top-1 (by vote) takes it, and so does an equal one of a newer model format "
+        f"(version tag `{FORMAT_TAG}`; untagged versions are format 1, which took decoded "
+        f"clips; format {MODEL_FORMAT} takes videos), so an older champion is replaced by "
+        f"the next run that scores as well. Predict: `{predict}`. Serve: `{serve}`, then "
+        f"POST {{\"dataframe_records\": [{{\"video_b64\": \"<the file, base64>\"}}]}} "
+        f"to /invocations: one row of label, score, top_k, num_clips, error per video."
     ))
     client.update_model_version(name, version, description=(
         f"variant {cfg.variant}, dataset {cfg.data.dataset} split {cfg.data.split} "

@@ -140,6 +140,34 @@ def build_optimizer(
     return optimizer, scheduler
 
 
+# Settings of how an optimizer runs, not of what it computes: a checkpoint's must not
+# replace the resumed run's (a graphed run's capturable fused AdamW would slow an eager
+# resume; an eager run's foreach AdamW cannot be captured).
+RUN_FLAGS = ("capturable", "fused", "foreach", "differentiable")
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer_state: dict, scheduler_state: dict,
+) -> None:
+    """Load a checkpoint's optimizer and schedule state into this run's optimizer, keeping
+    this run's `RUN_FLAGS`, its kind of learning rate (`keep_lr_kind`) and Adam's step
+    counters where this run's kind of optimizer keeps them (on the parameter's device when
+    capturable or fused, else on the CPU)."""
+    own = [{k: group[k] for k in RUN_FLAGS if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    for group, flags in zip(optimizer.param_groups, own, strict=True):
+        group.update(flags)
+        on_device = bool(group.get("capturable") or group.get("fused"))
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if isinstance(state.get("step"), torch.Tensor):
+                where = param.device if on_device else torch.device("cpu")
+                state["step"] = state["step"].to(device=where, dtype=torch.float32)
+    scheduler.load_state_dict(scheduler_state)
+    keep_lr_kind(optimizer, scheduler)
+
+
 def keep_lr_kind(
     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
 ) -> None:
@@ -167,9 +195,12 @@ def current_lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
     return float(scheduler.get_last_lr()[0])
 
 
-def autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on CUDA; full precision elsewhere (the CPU path serves tests and the demo)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, precision: str = "bf16") -> AbstractContextManager:
+    """bf16 autocast on CUDA unless `precision` is fp32 (`train.precision`); full precision
+    elsewhere (the CPU path serves tests and the demo)."""
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and precision == "bf16"
+    )
 
 
 def train_step(
@@ -179,13 +210,14 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     grad_clip: float | None,
     weight: float = 1.0,
+    precision: str = "bf16",
 ) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
     """One optimizer step on `batch`; returns the output and the loss terms.
 
     `net` is the DDP-wrapped `core` (or `core` itself on one worker); forward() takes frames
     or a dict of cached taps, so DDP's hooks see both paths.
     """
-    with autocast(batch.labels.device):
+    with autocast(batch.labels.device, precision):
         out = net(batch.inputs)
         losses = core.losses(out, batch.labels)
     optimizer.zero_grad(set_to_none=True)
@@ -242,10 +274,10 @@ class EagerTrainStep:
 
     def __init__(
         self, net: nn.Module, core: JointAttentionNet, optimizer: torch.optim.Optimizer,
-        grad_clip: float | None, device: torch.device,
+        grad_clip: float | None, device: torch.device, precision: str = "bf16",
     ) -> None:
         self.net, self.core, self.optimizer = net, core, optimizer
-        self.grad_clip, self.device = grad_clip, device
+        self.grad_clip, self.device, self.precision = grad_clip, device, precision
         self.sums = EpochSums(device)
         self.last: Batch | None = None
 
@@ -257,7 +289,7 @@ class EagerTrainStep:
             batch = batch.select(batch.ok)
         self.last = batch
         out, losses = train_step(
-            self.net, self.core, batch, self.optimizer, self.grad_clip, weight
+            self.net, self.core, batch, self.optimizer, self.grad_clip, weight, self.precision
         )
         if not weight:
             return 0
@@ -267,4 +299,10 @@ class EagerTrainStep:
     def step_again(self) -> None:
         """The last batch again with weight 0: a rank whose shard ran out still steps."""
         assert self.last is not None, "step_again before any step"
-        train_step(self.net, self.core, self.last, self.optimizer, self.grad_clip, 0.0)
+        train_step(
+            self.net, self.core, self.last, self.optimizer, self.grad_clip, 0.0, self.precision
+        )
+
+    def close(self) -> None:
+        """Nothing to release (`GraphedTrainStep.close` has a graph); the same interface."""
+        self.last = None

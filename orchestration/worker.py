@@ -66,8 +66,8 @@ from orchestration.step import (
     bad_clips,
     build_optimizer,
     current_lr,
-    keep_lr_kind,
     ok_rows,
+    restore_optimizer,
     to_batch,
 )
 
@@ -138,9 +138,8 @@ class WorkerTrainer:
         state = self.checkpointer.restore()
         if state is not None:
             self.model.load_state_dict(state.model)
-            self.optimizer.load_state_dict(state.optimizer)
-            self.scheduler.load_state_dict(state.scheduler)
-            keep_lr_kind(self.optimizer, self.scheduler)  # the checkpoint's run may differ
+            # The checkpoint's run may have stepped the other way (graphed or eager).
+            restore_optimizer(self.optimizer, self.scheduler, state.optimizer, state.scheduler)
             self.start_epoch, self.best, self.history = (
                 state.epoch, state.best_metric, state.history
             )
@@ -160,7 +159,7 @@ class WorkerTrainer:
         else:
             self.train_step = EagerTrainStep(
                 ray.train.torch.prepare_model(self.model), self.model, self.optimizer,
-                self.cfg.train.grad_clip, self.device,
+                self.cfg.train.grad_clip, self.device, self.cfg.train.precision,
             )
 
     def train(self) -> None:
@@ -168,9 +167,14 @@ class WorkerTrainer:
         clips (rank 0 gathers them), report the metrics with a checkpoint; stop early when
         too many clips failed."""
         monitor = _node_system_metrics(self.setup.system_metrics, ray.train.get_context())
-        for epoch in range(self.start_epoch, self.cfg.train.epochs):
-            if self.run_epoch(epoch + 1):
-                break
+        try:
+            for epoch in range(self.start_epoch, self.cfg.train.epochs):
+                if self.run_epoch(epoch + 1):
+                    break
+        finally:
+            # A graph is released here, before Ray Train destroys the process group, on
+            # an error too (a traceback would keep it alive).
+            self.train_step.close()
         if monitor is not None:
             monitor.finish()
 

@@ -45,11 +45,14 @@ def _indexed(root: Path, storage: Path, run_name: str, **sections: dict) -> tupl
     )
     raw = tiny_config(root, storage, run_name, train={"epochs": 1}, **sections)
     manifest = ensure_index(validate_config(raw).data)
-    return raw, pq.read_table(manifest).to_pylist()
+    # The manifest's paths are relative to the dataset root: the rows carry their file.
+    return raw, [
+        {**row, "file": root / row["video_path"]} for row in pq.read_table(manifest).to_pylist()
+    ]
 
 
 def _break(video: dict) -> None:
-    Path(video["video_path"]).write_bytes(b"this is no longer a video" * 64)
+    Path(video["file"]).write_bytes(b"this is no longer a video" * 64)
 
 
 def test_a_video_broken_after_indexing_is_reported_and_the_run_finishes(

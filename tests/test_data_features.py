@@ -15,7 +15,7 @@ from data_shards.decode import decode_clip
 from data_shards.errors import StaleCacheError
 from data_shards.features import build_feature_cache
 from data_shards.index import index_videos
-from data_shards.manifest import load_manifest
+from data_shards.manifest import load_manifest, video_file
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig, VGG16Taps, normalize_frames
 from orchestration.step import to_batch
@@ -73,7 +73,10 @@ def _rows(data_cfg: DataConfig, model_cfg: ModelConfig, name: str) -> list[dict]
 def test_cache_rows_match_a_direct_backbone_forward(cached: tuple[DataConfig, ModelConfig]) -> None:
     data_cfg, model_cfg = cached
     manifest = load_manifest(data_cfg).to_pydict()
-    paths = dict(zip(manifest["video_id"], manifest["video_path"], strict=True))
+    paths = {
+        video_id: video_file(data_cfg.root, path)
+        for video_id, path in zip(manifest["video_id"], manifest["video_path"], strict=True)
+    }
     num_frames = dict(zip(manifest["video_id"], manifest["num_frames"], strict=True))
     backbone = VGG16Taps(TAPS, 2, weights=model_cfg.backbone_weights).eval()
     for name in ("train", "val"):

@@ -102,16 +102,6 @@ def test_log_model_registers_and_loads_back_identically(
     assert not (local_store / "mlruns").exists()
 
 
-@pytest.mark.usefixtures("logged")
-def test_pyfunc_predicts_probabilities() -> None:
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{REGISTERED}/1")
-    inputs = pyfunc.metadata.get_input_schema().inputs[0]
-    assert inputs.type == np.dtype(np.uint8) and inputs.shape == (-1, 6, 64, 64, 3)
-    probabilities = pyfunc.predict(uint8_clips(batch=3))
-    assert probabilities.shape == (3, len(CLASS_NAMES))
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
-
-
 def test_champion_moves_only_on_improvement(
     local_store: Path, logged: tuple[JointAttentionNet, ModelInfo]
 ) -> None:
@@ -143,8 +133,49 @@ def test_champion_moves_only_on_improvement(
     assert champion() == versions[6]
     tags = client.get_model_version(name, versions[2]).tags
     assert tags == {
-        "split": "1", "video_top1": "0.55", "test_videos": "100", "dataset_digest": "d1"
+        "split": "1", "video_top1": "0.55", "test_videos": "100", "dataset_digest": "d1",
+        "format_version": str(registry.MODEL_FORMAT),
     }
+
+
+def test_a_newer_model_format_takes_the_champion_at_an_equal_score(
+    local_store: Path, logged: tuple[JointAttentionNet, ModelInfo]
+) -> None:
+    """An old champion (format 1: clips in, no format tag) goes to the next run of the
+    current format that scores as well; nothing else changes the rule."""
+    _, info = logged
+    client = MlflowClient()
+    name = "jlstm-format"
+    client.create_registered_model(name)
+    versions = [client.create_model_version(name, info.model_uri).version for _ in range(6)]
+
+    def champion() -> str:
+        return client.get_model_version_by_alias(name, registry.CHAMPION_ALIAS).version
+
+    # Registered before formats were tagged: the tags of its time, no format tag.
+    for key, value in (("split", "1"), ("video_top1", "0.8"), ("test_videos", "100"),
+                       ("dataset_digest", "d1")):
+        client.set_model_version_tag(name, versions[0], key, value)
+    client.set_registered_model_alias(name, registry.CHAMPION_ALIAS, versions[0])
+    assert registry.format_of(client.get_model_version(name, versions[0])) == 1
+
+    def promote(version: str, top1: float, model_format: int = registry.MODEL_FORMAT,
+                videos: int = 100) -> bool:
+        return registry.promote_if_better(
+            name, version, split=1, video_top1=top1, test_videos=videos,
+            dataset_digest="d1", model_format=model_format,
+        )
+
+    assert not promote(versions[1], 0.7)  # newer, but worse
+    assert not promote(versions[2], 0.8, videos=99)  # newer and equal, on fewer videos
+    assert promote(versions[3], 0.8)  # newer and equal: takes it
+    assert champion() == versions[3]
+    assert not promote(versions[4], 0.8)  # the same format and equal: stays
+    assert not promote(versions[5], 0.8, model_format=1)  # an older one, equal: stays
+    assert champion() == versions[3]
+    assert client.get_model_version(name, versions[3]).tags["format_version"] == str(
+        registry.MODEL_FORMAT
+    )
 
 
 def test_default_store_is_sqlite_under_runs(

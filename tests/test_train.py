@@ -21,18 +21,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import decord
 import mlflow
-import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from mlflow_server import free_port, running_mlflow_server
+from model_server import curl_invocations, serving_model, video_b64
 from ray_processes import stop_ray_processes
 from tiny_run import EPOCHS, tiny_config
 
-from data_shards.clips import clip_starts
-from data_shards.decode import decode_clip
 from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
@@ -127,17 +125,16 @@ def test_rerunning_a_finished_run_resumes(trained: tuple[JlstmConfig, SplitResul
 def test_predict_agrees_with_the_registered_model(
     trained: tuple[JlstmConfig, SplitResult], dataset: Path, sqlite_tracking: str
 ) -> None:
-    """`jlstm predict` ranks classes as the registered pyfunc model scores the video's clips.
+    """`jlstm predict` ranks classes as the registered pyfunc model ranks the video's bytes:
+    one pipeline (`model.video`), with the clip grid the model carries (not told here).
 
     The tiny run is too short to learn anything (it stays at 50% on 2 classes); whether
     predict names the right class is the next test's, after a run that learns.
     """
-    cfg, _ = trained
     video = next((dataset / "UCF-101").glob("*/*.avi"))
     out = subprocess.run(
         [sys.executable, "-m", "jlstm", "predict", str(video),
-         "--model", "models:/jlstm-ucf101@champion", "--top-k", "2",
-         "--frame-interval", str(cfg.data.frame_interval)],
+         "--model", "models:/jlstm-ucf101@champion", "--top-k", "2"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
         env={**os.environ, "MLFLOW_TRACKING_URI": sqlite_tracking},
     )
@@ -146,20 +143,13 @@ def test_predict_agrees_with_the_registered_model(
     probs = [float(p.rstrip("%")) / 100 for p, _ in ranked]
     assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-3)
 
-    loaded = registry.load_model("models:/jlstm-ucf101@champion")
-    model_cfg = loaded.model_cfg
-    num_frames = len(decord.VideoReader(str(video)))
-    clips = np.stack([
-        decode_clip(str(video), start, num_frames, model_cfg.clip_len,
-                    cfg.data.frame_interval, model_cfg.frame_size)
-        for start in clip_starts(
-            num_frames, model_cfg.clip_len, model_cfg.clip_len, cfg.data.frame_interval
-        )
-    ])
     pyfunc = mlflow.pyfunc.load_model("models:/jlstm-ucf101@champion")
-    scores = np.asarray(pyfunc.predict(clips)).mean(axis=0)
-    assert ranked[0][1] == loaded.class_names[int(scores.argmax())]
-    assert probs[0] == pytest.approx(float(scores.max()), abs=1e-3)
+    row = pyfunc.predict(
+        pd.DataFrame({"video_b64": [video_b64(video)]}), params={"top_k": 2}
+    ).iloc[0]
+    assert row.error == "", row.error
+    assert [name for _, name in ranked] == [t["label"] for t in row.top_k]
+    assert probs == pytest.approx([t["score"] for t in row.top_k], abs=1e-3)
 
 
 def test_predict_names_the_right_class_after_a_short_training(
@@ -213,6 +203,11 @@ def test_predict_names_the_right_class_after_a_short_training(
     top_probability, top_class = out.stdout.split()[:2]
     assert top_class == video.parent.name, out.stdout
     assert float(top_probability.rstrip("%")) > 50
+
+    # The same model served by `mlflow models serve` names the class of the video's bytes.
+    with serving_model("models:/jlstm-ucf101@champion", uri, tmp_path) as url:
+        [row] = curl_invocations(url, [{"video_b64": video_b64(video)}], tmp_path)
+    assert row["error"] == "" and row["label"] == video.parent.name, row
 
 
 def test_unreachable_tracking_server_fails_before_training(

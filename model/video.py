@@ -1,0 +1,220 @@
+"""One video to one prediction: the clip grid, a video's clips decoded, their scores, the
+video's score.
+
+This module is the only place that turns a video into clip starts, clips, clip scores and a
+video score. `jlstm predict`, the registered model's pyfunc (`orchestration/mlflow_model.py`)
+and `jlstm eval` (its clip table and its per-video aggregation) all go through it, so they
+cannot disagree. It ships with the registered model (only `model/` does), so it imports
+neither `data_shards` nor MLflow; decord only when a video is opened, and torch only when
+clips are scored, so the clip grid (Ray Data's decode tasks use it through
+`data_shards.clips`) loads with numpy alone.
+
+The model's pipeline, named by what the logged model carries (`ClipGrid` in its MLmodel
+metadata, the clip rule in its `ModelConfig`):
+
+- clip grid: a clip is `clip_len` frames taken every `frame_interval` frames from its
+  start; starts lie every `stride` frames from 0 while the clip fits (`jlstm eval`'s grid:
+  `data.eval_stride`, default `clip_len`, at the training clips' `data.frame_interval`). A
+  video shorter than one clip gives one clip at 0 that loops the video.
+- clip rule: `ModelConfig.prediction` over the last L2 steps (`vote`, the paper's and the
+  figure the champion alias compares, or `prob`): `model.net.clip_scores`.
+- video rule (`VIDEO_RULE`): a video's scores are the mean of its clips' scores.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from model.net import JointAttentionNet
+
+# A video's class scores are the mean of its clips' scores (MODEL_SPEC section 5).
+VIDEO_RULE = "mean"
+# Clips per forward pass: bounds memory for long videos (their clips are never all held).
+SCORE_BATCH = 8
+
+
+def clip_span(clip_len: int, frame_interval: int) -> int:
+    """Frames from a clip's first to its last frame, both included."""
+    return (clip_len - 1) * frame_interval + 1
+
+
+def clip_starts(num_frames: int, clip_len: int, stride: int, frame_interval: int = 1) -> list[int]:
+    """Start frames of every clip of a video: 0, s, 2s, ... while the clip fits.
+
+    A video shorter than one clip still gives the clip at 0 (looped by `frame_indices`).
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames = {num_frames}: a video needs at least one frame")
+    last = num_frames - clip_span(clip_len, frame_interval)
+    return list(range(0, max(last, 0) + 1, stride))
+
+
+def frame_indices(start: int, num_frames: int, clip_len: int, frame_interval: int = 1) -> list[int]:
+    """The `clip_len` frame indices of the clip at `start`, wrapping past the video's end."""
+    return [(start + i * frame_interval) % num_frames for i in range(clip_len)]
+
+
+@dataclass(frozen=True)
+class ClipGrid:
+    """Which clips of a video are scored: `clip_len` frames every `frame_interval` frames,
+    starting every `stride` frames (see the module's docstring)."""
+
+    clip_len: int
+    stride: int
+    frame_interval: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("clip_len", "stride", "frame_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+
+    def starts(self, num_frames: int) -> list[int]:
+        """Start frames of the clips of a video of `num_frames` frames."""
+        return clip_starts(num_frames, self.clip_len, self.stride, self.frame_interval)
+
+    def frames(self, start: int, num_frames: int) -> list[int]:
+        """The `clip_len` frame indices of the clip at `start`."""
+        return frame_indices(start, num_frames, self.clip_len, self.frame_interval)
+
+
+class VideoError(ValueError):
+    """A video that cannot be decoded; the message is one line: the decoder's reason."""
+
+
+def _one_line(err: BaseException) -> str:
+    # decord's messages span many lines (a C++ stack); errors end up in table rows and
+    # one-line reports.
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+
+
+def open_video(path: str | Path, frame_size: int) -> Any:
+    """A decord VideoReader of `path` that resizes to frame_size x frame_size while decoding.
+
+    Raises `VideoError` when the file cannot be opened or has no frames.
+    """
+    import decord  # imported where a video is decoded: loading the model needs no decoder
+
+    try:
+        reader = decord.VideoReader(str(path), width=frame_size, height=frame_size, num_threads=1)
+    except Exception as err:  # decord raises DECORDError, RuntimeError, ...
+        raise VideoError(_one_line(err)) from None
+    if len(reader) < 1:
+        raise VideoError("the video has no frames")
+    return reader
+
+
+def read_clips(reader: Any, grid: ClipGrid, starts: list[int]) -> np.ndarray:
+    """uint8 ``[N, T, S, S, 3]``: the clips at `starts` from an open reader (looped if short)."""
+    num_frames = len(reader)
+    try:
+        return np.stack([
+            reader.get_batch(grid.frames(start, num_frames)).asnumpy() for start in starts
+        ])
+    except Exception as err:  # a cut file fails only when its missing frames are read
+        raise VideoError(_one_line(err)) from None
+
+
+def score_clips(net: JointAttentionNet, frames: np.ndarray) -> np.ndarray:
+    """Class scores ``[N, C]`` (rows sum to 1) of uint8 clips ``[N, T, S, S, 3]`` by the
+    model's clip rule (`net.cfg.prediction`), `SCORE_BATCH` clips per forward pass."""
+    import torch
+
+    from model.backbone import normalize_frames
+    from model.net import clip_scores
+
+    frames = np.asarray(frames)
+    if frames.ndim != 5 or frames.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 frames [N, T, S, S, 3], got {frames.dtype} {frames.shape}"
+        )
+    cfg = net.cfg
+    device = next(net.parameters()).device
+    out = [np.zeros((0, cfg.num_classes), dtype=np.float32)]
+    with torch.inference_mode():
+        for lo in range(0, len(frames), SCORE_BATCH):
+            batch = torch.from_numpy(frames[lo : lo + SCORE_BATCH]).to(device)
+            logits = net(normalize_frames(batch)).step_logits.float()
+            out.append(clip_scores(logits, cfg.last_steps, cfg.prediction).cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def video_score(scores: np.ndarray) -> np.ndarray:
+    """A video's class scores ``[C]`` from its clips' scores ``[N, C]`` (`VIDEO_RULE`)."""
+    if len(scores) == 0:
+        raise ValueError("a video needs at least one clip score")
+    return np.asarray(scores, dtype=np.float64).mean(axis=0)
+
+
+def video_scores(video_id: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every video's scores from the clip scores of many videos (`VIDEO_RULE`).
+
+    Args:
+        video_id: ``[N]`` the video of each clip (any sortable dtype).
+        scores: ``[N, C]`` the clip scores.
+
+    Returns:
+        The sorted distinct video ids ``[V]`` and their scores ``[V, C]`` (float64), each row
+        what `video_score` gives for that video's clips.
+    """
+    ids, inverse = np.unique(video_id, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(ids)).astype(np.float64)
+    sums = np.zeros((len(ids), scores.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, scores)
+    return ids, sums / counts[:, None]
+
+
+def top_k(scores: np.ndarray, class_names: list[str], k: int) -> list[tuple[str, float]]:
+    """The k best (class name, score) of a video's scores ``[C]``, ties to the lower index
+    (as `argmax`: vote scores tie often)."""
+    order = np.argsort(-np.asarray(scores), kind="stable")[: max(k, 1)]
+    return [(class_names[int(i)], float(scores[i])) for i in order]
+
+
+@dataclass(frozen=True)
+class VideoPrediction:
+    """A video's prediction.
+
+    Attributes:
+        scores: ``[C]`` float64, the video's class scores (they sum to 1).
+        num_clips: how many clips were scored.
+        first_clip: ``[T, S, S, 3]`` uint8, the first clip (for an attention drawing).
+    """
+
+    scores: np.ndarray
+    num_clips: int
+    first_clip: np.ndarray
+
+
+def predict_video(
+    net: JointAttentionNet, video: str | Path | bytes, grid: ClipGrid
+) -> VideoPrediction:
+    """Decode every clip of the grid from `video` (a path, or a video file's bytes) and score
+    them; raises `VideoError` when the video cannot be decoded.
+
+    Clips are decoded and scored `SCORE_BATCH` at a time: a long video never has all its
+    clips in memory at once.
+    """
+    cfg = net.cfg
+    if grid.clip_len != cfg.clip_len:
+        raise ValueError(f"grid clip_len {grid.clip_len} != the model's {cfg.clip_len}")
+    if isinstance(video, bytes):
+        # decord's in-memory reader is not in every build of it; a file is read by all.
+        with tempfile.NamedTemporaryFile(prefix="jlstm-video-") as tmp:
+            tmp.write(video)
+            tmp.flush()
+            return predict_video(net, tmp.name, grid)
+    reader = open_video(video, cfg.frame_size)
+    starts = grid.starts(len(reader))
+    parts, first_clip = [], None
+    for lo in range(0, len(starts), SCORE_BATCH):
+        clips = read_clips(reader, grid, starts[lo : lo + SCORE_BATCH])
+        first_clip = clips[0].copy() if first_clip is None else first_clip
+        parts.append(score_clips(net, clips))
+    assert first_clip is not None  # a video with frames has at least the clip at 0
+    return VideoPrediction(video_score(np.concatenate(parts)), len(starts), first_clip)
