@@ -104,9 +104,9 @@ class Sizes:
 CAPS_FULL = {"step_b16_eager": 55, "step_b16_graphed": 55, "ray_train": 200,
              "equivalence": 50, "step_b64_eager": 30, "step_b64_graphed": 30,
              "cache_build": 45, "feed": 25}
-CAPS_REDUCED = {"step_b16_eager": 30, "step_b16_graphed": 5, "ray_train": 250,
-                "equivalence": 25, "step_b64_eager": 30, "step_b64_graphed": 5,
-                "cache_build": 100, "feed": 45}
+CAPS_REDUCED = {"step_b16_eager": 25, "step_b16_graphed": 5, "ray_train": 215,
+                "equivalence": 20, "step_b64_eager": 25, "step_b64_graphed": 5,
+                "cache_build": 140, "feed": 55}
 MINIMUM = {"step": 15, "equivalence": 15, "cache_build": 20, "feed": 15, "ray_train": 90}
 
 
