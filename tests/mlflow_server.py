@@ -24,21 +24,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(
-    uri: str, proc: subprocess.Popen, log: Path, timeout_s: float = STARTUP_TIMEOUT_S
-) -> None:
-    """Poll `<uri>/health` (the one path a login does not guard) until the server answers;
-    fail early, with its log, if the process died."""
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Poll `url` until the server answers; fail early, with its log, if the process died.
+    Shared by the tracking server (`/health`) and `mlflow models serve` (`/ping`)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=5):
+            with urllib.request.urlopen(url, timeout=5):
                 return
         except OSError:  # URLError, HTTPError, refused: not up yet
             time.sleep(0.3)
-    raise RuntimeError(f"server not healthy after {timeout_s} s:\n{log.read_text()}")
+    raise RuntimeError(f"server not up at {url} after {timeout_s} s:\n{log.read_text()}")
+
+
+def wait_healthy(
+    uri: str, proc: subprocess.Popen, log: Path, timeout_s: float = STARTUP_TIMEOUT_S
+) -> None:
+    """Poll `<uri>/health` (the one path a login does not guard) until the server answers."""
+    wait_http(f"{uri}/health", proc, log, timeout_s)
 
 
 @contextlib.contextmanager

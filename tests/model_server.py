@@ -8,13 +8,11 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlflow_server import free_port, stop_server
+from mlflow_server import free_port, stop_server, wait_http
 
 # Loading torch, mlflow and the model in a fresh process: ~15 s on 2 busy cores.
 STARTUP_TIMEOUT_S = 120.0
@@ -22,18 +20,8 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def wait_ping(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Poll `<url>/ping` (200 once the model is loaded); fail early, with the server's log,
-    if it exited."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"model server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=5):
-                return
-        except OSError:  # refused, or not ready yet
-            time.sleep(0.3)
-    raise RuntimeError(f"model server not up after {timeout_s} s:\n{log.read_text()}")
+    """Poll `<url>/ping` (200 once the model is loaded); fail early if the server exited."""
+    wait_http(f"{url}/ping", proc, log, timeout_s)
 
 
 @contextlib.contextmanager
