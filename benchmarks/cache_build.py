@@ -8,9 +8,10 @@ per GPU; on CPU one per 2 CPUs). Each actor decodes its videos itself (decord, o
 on its one CPU) and runs VGG16 on them in turn, so the build's rate is about
 actors / (1 / decode + 1 / VGG16). Then, to say which of the two bounds it:
 
-- decode alone: the same `open_reader(...).get_batch(frames)` call the actor makes, on the
-  same videos' needed frames, in one process (what an actor gets) and as one Ray task per
-  video over the Ray CPUs (what the machine's CPUs could decode);
+- decode alone: the same bounded-decoder call the actor makes (`BoundedDecoder.read` of
+  the video's needed frames, `data.decode_timeout_s`' default deadline), on the same
+  videos, in one process (what an actor gets) and as one Ray task per video over the Ray
+  CPUs (what the machine's CPUs could decode);
 - VGG16 alone on synthetic uint8 frames on the device: `as_built` is the actor's own
   `_taps` (fp32, FORWARD_CHUNK frames a pass, host copies both ways); `fp32`, `bf16`
   (autocast) and `bf16_channels_last` are the forward alone on frames already there.
@@ -52,7 +53,6 @@ from machine import load_average, machine_info, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_shards.cluster import RAY_NODE_ENV
-from data_shards.decode import open_reader
 from data_shards.features import (
     FORWARD_CHUNK,
     INDEX_FILE,
@@ -65,6 +65,7 @@ from data_shards.index import ensure_index
 from data_shards.manifest import load_manifest
 from data_shards.synth import synthesize_dataset
 from model import ModelConfig, VGG16Taps, normalize_frames
+from model.decode_process import shared_decoder
 from orchestration.config import JlstmConfig, load_config
 from orchestration.resources import feature_pool, live_nodes
 
@@ -140,7 +141,7 @@ def compute_figures(frames_per_s: float, flops: int, peak: float | None) -> dict
 
 def decode_video(path: str, frames: list[int], frame_size: int) -> int:
     """What a `_TapWriter` does before VGG16: decode one video's needed frames."""
-    return len(open_reader(path, frame_size).get_batch(frames).asnumpy())
+    return shared_decoder().read(path, frame_size, [frames]).shape[1]
 
 
 def hold(seconds: float) -> None:
@@ -183,7 +184,8 @@ def time_vgg(model_cfg: ModelConfig, device: torch.device, frames: int,
     rng = np.random.default_rng(0)
     s = model_cfg.frame_size
     host = rng.integers(0, 256, (frames, s, s, 3), dtype=np.uint8)
-    writer = _TapWriter(model_cfg, "unused", device.type, "float16")  # _taps writes nothing
+    # _taps decodes and writes nothing
+    writer = _TapWriter(model_cfg, "unused", device.type, "float16", decode_timeout_s=None)
     backbone = cache_backbone(model_cfg).to(device)
     normalized = normalize_frames(torch.from_numpy(host).to(device)[None])[0]
 

@@ -70,6 +70,9 @@ PACKAGES=(
     typing-extensions protobuf
     # Clips are decoded with decord (0.6.0: one py3 wheel, loaded with ctypes).
     decord
+    # Feature-cache checksums. The image has an xxhash too, of a version not pinned here;
+    # this one (~0.2 MiB) is the one the cache was tested with.
+    xxhash
     # Videos are written with PyAV: packed apart, in deps-av.tar.xz.
     av
 )

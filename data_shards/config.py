@@ -53,6 +53,12 @@ class DataConfig(BaseModel):
     decode_cpus: float = Field(1.0, gt=0, description="Ray CPUs per decode task")
     decode_batch_size: int = Field(8, ge=1, description="clips per decode task call")
     probe_timeout_s: float = Field(20.0, gt=0, description="hard limit per video probe")
+    decode_timeout_s: float | None = Field(
+        30.0, gt=0,
+        description="hard limit per decode at run time (a clip; a video's frames in the cache "
+        "build): past it the decoder's process is killed and the clip is a bad clip with "
+        "reason 'timeout'; null decodes in-process without a limit (data_shards/decode.py)",
+    )
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     seed: int = 0
     feature_cache: str | None = Field(None, description="directory of the VGG16 tap cache")

@@ -111,6 +111,7 @@ def _decoded(
             "frame_size": model_cfg.frame_size,
             # The manifest's paths are relative to data.root: each task opens them there.
             "root": os.path.abspath(data_cfg.root),
+            "timeout_s": data_cfg.decode_timeout_s,
         },
         batch_size=batch_size,
         batch_format="numpy",

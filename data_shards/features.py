@@ -2,7 +2,9 @@
 
 Layout of `<feature_cache>/`:
   cache_key.json           everything that changes the content (see `cache_key`)
-  videos.parquet           one row per video: video_id, bytes, ok, error
+  videos.parquet           one row per video: video_id, bytes, ok, error, checksum,
+                           scale_checksum (the xxh3_64 of its array file and, uint8 caches
+                           only, of its scale file: 0 where there is none)
   video_<id>.npy           [taps, F, 512, K, K] of `data.cache_dtype`: the key's taps, in
                            its order, x the video's needed frames (`needed_frames` of its
                            subset's clip grid, ascending: only frames some clip uses); a
@@ -17,13 +19,28 @@ range of the file (its frames are consecutive rows), read with one `preadv` stra
 the batch, so a read costs one copy out of the page cache. The Parquet layout this
 replaces (row groups of 8 frames, filtered per batch) delivered about 3% of a plain read;
 benchmarks/cache_read.py measures this one.
+
+Checksums: the writer hashes each file's bytes as it writes them (xxh3_64, ~13 GB/s on one
+core here, 4x zlib's crc32 and 16x blake2b) into the index. A process verifies each file the
+first time it opens it (`_verify`: the whole file hashed, 1 MiB `preadv` at a time, in a
+verifier thread beside the batch's reads; the batch waits for it), and remembers the outcome
+per file for as long as the file and the index stay the same ones (inode, size, mtime: a
+rebuilt cache is verified again), so later reads cost a dict lookup. A mismatch makes that
+video's clips bad clips naming the file and the fix, with one warning per file per process:
+never wrong taps delivered as good ones. The cost falls on a process's first epoch (the
+whole cache hashed once); benchmarks/cache_read.py measures it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,23 +49,34 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+import xxhash
 
 from data_shards.clips import frame_indices, needed_frames
 from data_shards.config import TAP_PREFIX, TAP_SCALE_PREFIX, DataConfig
-from data_shards.decode import open_reader
 from data_shards.errors import BadDataError, StaleCacheError
 from data_shards.manifest import check_videos_present, load_manifest, video_file
+from model.decode_process import BoundedDecoder, VideoError, one_line, open_video
+
+log = logging.getLogger(__name__)
 
 KEY_FILE = "cache_key.json"
 INDEX_FILE = "videos.parquet"
 # 3: the key hashes root-relative paths and no mtimes (a moved dataset keeps its cache);
 # every cache of format 2 is rebuilt once.
-CACHE_FORMAT = 3
+# 4: the index holds each file's xxh3_64, which reads verify; a cache of format 3 has none,
+# and is rebuilt once.
+CACHE_FORMAT = 4
 TAP_CHANNELS = 512  # every VGG16 tap (conv4_3, pool4, conv5_3, pool5) has 512 channels
 FORWARD_CHUNK = 32  # frames per backbone forward pass
 VIDEOS_PER_CALL = 8  # videos an actor caches per call (each one's failure is its own row)
 # Random-init VGG16 (no backbone_weights) is seeded so the cache and its check agree.
 RANDOM_INIT_SEED = 0
+# Bytes read and hashed at a time while verifying a file: a buffer that stays in L2 hashes
+# at ~8.7 GB/s here, one read of the whole file then one hash at ~2.2 GB/s (every byte
+# leaves the cache between the two). A memory map would hash at ~13.9 GB/s, but a disk
+# error under it is a SIGBUS that kills the worker, where a read raises, a bad clip.
+CHECKSUM_CHUNK = 1 << 20
+REBUILD_HINT = "rebuild the cache with `jlstm data features --rebuild`"
 
 
 @dataclass(frozen=True)
@@ -179,13 +207,22 @@ def _work_table(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> pa.Table
 
 
 class _TapWriter:
-    """Actor: decodes one video's needed frames, runs the backbone, writes the video's shard."""
+    """Actor: decodes one video's needed frames, runs the backbone, writes the video's shard.
 
-    def __init__(self, model_cfg, cache_dir: str, device: str, dtype: str) -> None:
+    Decoding runs in the actor's `BoundedDecoder` (`data.decode_timeout_s` a video, as
+    `data_shards.decode`): a video that hangs the decoder is a failed row with reason
+    "timeout", and the actor goes on with the next.
+    """
+
+    def __init__(
+        self, model_cfg, cache_dir: str, device: str, dtype: str, decode_timeout_s: float | None
+    ) -> None:
         self.model_cfg = model_cfg
         self.cache_dir = cache_dir
         self.device = device
         self.dtype = dtype
+        self.decode_timeout_s = decode_timeout_s
+        self.decoder = BoundedDecoder(decode_timeout_s) if decode_timeout_s else None
         self.backbone = cache_backbone(model_cfg).to(device)
 
     def _taps(self, frames: np.ndarray) -> dict[str, np.ndarray]:
@@ -203,43 +240,69 @@ class _TapWriter:
                     chunks[tap].append(value.half().cpu().numpy())
         return {tap: np.concatenate(parts) for tap, parts in chunks.items()}
 
-    def _write(self, video_id: int, path: str, wanted: list[int]) -> int:
-        """Write one video's array file; returns its size in bytes."""
-        reader = open_reader(path, self.model_cfg.frame_size)
-        taps = self._taps(reader.get_batch(wanted).asnumpy())
+    def _write(self, video_id: int, path: str, wanted: list[int]) -> tuple[int, int, int]:
+        """Write one video's array file (and scale file); returns their size in bytes, the
+        array file's checksum and the scale file's (0 when there is none)."""
+        size = self.model_cfg.frame_size
+        if self.decoder is None:  # data.decode_timeout_s: null
+            frames = open_video(path, size).get_batch(wanted).asnumpy()
+        else:
+            frames = self.decoder.read(path, size, [wanted])[0]
+        taps = self._taps(frames)
         # Uncompressed: fp16 activations barely compress, and reads then cost a copy only.
         values = np.stack([taps[tap] for tap in self.model_cfg.taps])
-        size = 0
+        size = scale_checksum = 0
         if self.dtype == "uint8":
             values, scale = quantize(values)
-            size += _save(scale_file(self.cache_dir, video_id), scale)
+            size, scale_checksum = _save(scale_file(self.cache_dir, video_id), scale)
         # The array goes last: a video whose array file exists is complete.
-        return size + _save(cache_file(self.cache_dir, video_id), values)
+        array_size, checksum = _save(cache_file(self.cache_dir, video_id), values)
+        return size + array_size, checksum, scale_checksum
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Video rows in, one result row per video out (failures flagged, never raised)."""
         ids = batch["video_id"].astype(np.int64)
         sizes = np.zeros(len(ids), dtype=np.int64)
+        checksums = np.zeros(len(ids), dtype=np.uint64)
+        scale_checksums = np.zeros(len(ids), dtype=np.uint64)
         ok = np.ones(len(ids), dtype=bool)
         errors = np.full(len(ids), "", dtype=object)
         for i, video_id in enumerate(ids):
             path = str(batch["video_path"][i])
             try:
                 wanted = [int(f) for f in batch["frames"][i]]
-                sizes[i] = self._write(int(video_id), path, wanted)
+                sizes[i], checksums[i], scale_checksums[i] = self._write(
+                    int(video_id), path, wanted
+                )
             except Exception as e:  # a bad video is reported in videos.parquet, not raised
                 ok[i] = False
                 # One line, naming the file: the build's summary prints the first one.
-                errors[i] = f"{path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
-        return {"video_id": ids, "bytes": sizes, "ok": ok, "error": errors}
+                errors[i] = f"{path}: {e if isinstance(e, VideoError) else one_line(e)}"
+        return {
+            "video_id": ids, "bytes": sizes, "ok": ok, "error": errors,
+            "checksum": checksums, "scale_checksum": scale_checksums,
+        }
 
 
-def _save(target: Path, values: np.ndarray) -> int:
-    """Write an array file under a temporary name, then rename it; returns its size."""
+def _save(target: Path, values: np.ndarray) -> tuple[int, int]:
+    """Write an array file (as `np.save`) under a temporary name, then rename it; returns
+    its size and checksum, the xxh3_64 of its bytes hashed from memory as they are written
+    (reading the file back would hash what the page cache holds, not what reaches the disk
+    either, and cost a second pass)."""
+    values = np.ascontiguousarray(values)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, np.lib.format.header_data_from_array_1_0(values)
+    )
+    body = values.reshape(-1).view(np.uint8)
+    checksum = xxhash.xxh3_64(header.getbuffer())
+    checksum.update(body)
     partial = target.with_name(target.name.removesuffix(".npy") + ".partial.npy")
-    np.save(partial, values, allow_pickle=False)
+    with open(partial, "wb") as f:
+        f.write(header.getbuffer())
+        f.write(body)
     partial.rename(target)
-    return target.stat().st_size
+    return target.stat().st_size, checksum.intdigest()
 
 
 def _clear(cache_dir: Path) -> None:
@@ -310,6 +373,7 @@ def build_feature_cache(
                 "cache_dir": str(cache_dir),
                 "device": "cuda" if use_gpu else "cpu",
                 "dtype": data_cfg.cache_dtype,
+                "decode_timeout_s": data_cfg.decode_timeout_s,
             },
             batch_size=VIDEOS_PER_CALL,
             batch_format="numpy",
@@ -356,7 +420,8 @@ class _ArrayFile:
             raise ValueError(f"{path} holds {self.dtype}, not {dtype}: rebuild the cache")
         self.row_bytes = int(np.prod(self.shape[2:])) * dtype.itemsize
         expected = self.offset + int(np.prod(self.shape)) * dtype.itemsize
-        size = os.fstat(self.fd).st_size
+        self.stat = os.fstat(self.fd)  # of the file read (the one `_verify` checks)
+        size = self.stat.st_size
         if size != expected:
             raise ValueError(f"{path} is {size} bytes, its header says {expected}: truncated")
 
@@ -369,6 +434,192 @@ class _ArrayFile:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+class ChecksumError(ValueError):
+    """A cache file's bytes do not hash to the checksum its index holds."""
+
+
+# Per process, shared by its threads (a worker's clip-reader thread, Ray Data's task
+# threads): the checksums of each cache's index, and what each file's verification found.
+_memo_lock = threading.Lock()
+# cache_dir -> (the index file's (inode, size, mtime), {video_id: (checksum, scale_checksum)})
+_index_memo: dict[str, tuple[tuple[int, int, int], dict[int, tuple[int, int]]]] = {}
+# file path -> ((inode, size, mtime), checksum expected, "" or the mismatch): a file replaced
+# (a rebuild renames new files in) or an index with a new checksum is verified again.
+_verified: dict[str, tuple[tuple[int, int, int], int, str]] = {}
+_stats = {"files_hashed": 0, "bytes_hashed": 0, "hash_seconds": 0.0, "mismatches": 0}
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def checksum_stats() -> dict[str, float]:
+    """What this process's verifications hashed so far: files_hashed, bytes_hashed,
+    hash_seconds (wall time, summed over threads), mismatches. A file read again is not
+    hashed again (unless it or the index changed)."""
+    with _memo_lock:
+        return dict(_stats)
+
+
+def forget_verified() -> None:
+    """Drop this process's memo, as if it had just started: each file is hashed again the
+    next time it is opened (benchmarks/cache_read.py times a first epoch with this)."""
+    with _memo_lock:
+        _index_memo.clear()
+        _verified.clear()
+
+
+def _index_checksums(cache_dir: str) -> dict[int, tuple[int, int]]:
+    """{video_id: (checksum, scale_checksum)} of the cache's index, read once per process
+    and index file: one `stat` a call decides whether the memo still holds."""
+    path = Path(cache_dir) / INDEX_FILE
+    with _memo_lock:
+        memo = _index_memo.get(cache_dir)
+    if memo is not None and memo[0] == _identity(os.stat(path)):
+        return memo[1]
+    with open(path, "rb") as f:  # the identity of the very file read, whatever replaces it
+        identity = _identity(os.fstat(f.fileno()))
+        index = pq.read_table(f)
+    if "checksum" not in index.column_names:
+        raise ValueError(f"{path} holds no checksums (a cache of format < 4): {REBUILD_HINT}")
+    checksums = dict(zip(
+        index["video_id"].to_pylist(),
+        zip(index["checksum"].to_pylist(), index["scale_checksum"].to_pylist(), strict=True),
+        strict=True,
+    ))
+    with _memo_lock:
+        _index_memo[cache_dir] = (identity, checksums)
+    return checksums
+
+
+def _file_checksum(fd: int, size: int) -> int:
+    """xxh3_64 of the file's first `size` bytes, CHECKSUM_CHUNK at a time."""
+    digest = xxhash.xxh3_64()
+    chunk = memoryview(np.empty(min(CHECKSUM_CHUNK, max(size, 1)), np.uint8))
+    offset = 0
+    while offset < size:
+        got = os.preadv(fd, [chunk[: size - offset]], offset)
+        if got == 0:
+            raise ValueError(f"short read: {offset} of {size} bytes")
+        digest.update(chunk[:got])  # releases the GIL: the training step goes on meanwhile
+        offset += got
+    return digest.intdigest()
+
+
+def _remembered(path: Path, st: os.stat_result, expected: int) -> str | None:
+    """What this process found of this file ("" good, else the mismatch), None if new."""
+    with _memo_lock:
+        seen = _verified.get(str(path))
+    return seen[2] if seen is not None and seen[:2] == (_identity(st), expected) else None
+
+
+def _verify(path: Path, fd: int, st: os.stat_result, expected: int) -> None:
+    """Raise ChecksumError unless the open file `fd` (at `path`, of stat `st`) hashes to
+    `expected`; hashed the first time this process sees this file, then remembered."""
+    identity = _identity(st)
+    error = _remembered(path, st, expected)
+    if error is None:
+        started = time.perf_counter()
+        got = _file_checksum(fd, st.st_size)
+        error = "" if got == expected else (
+            f"{path}: checksum mismatch (xxh3_64 {got:016x}, the index has {expected:016x}):"
+            f" {REBUILD_HINT}"
+        )
+        with _memo_lock:
+            # Two threads may hash the same new file at once; only one of them warns.
+            first = _verified.get(str(path), (None, None, ""))[:2] != (identity, expected)
+            _verified[str(path)] = (identity, expected, error)
+            _stats["files_hashed"] += 1
+            _stats["bytes_hashed"] += st.st_size
+            _stats["hash_seconds"] += time.perf_counter() - started
+            _stats["mismatches"] += bool(error)
+        if error and first:
+            log.warning("feature cache: %s", error)
+    if error:
+        raise ChecksumError(error)
+
+
+_verifier: ThreadPoolExecutor | None = None
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads: a fresh lock (the parent's may have
+    been held by one) and a verifier of its own, started on first use."""
+    global _memo_lock, _verifier
+    _memo_lock = threading.Lock()
+    _verifier = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _verify_soon(path: Path, fd: int, st: os.stat_result, expected: int) -> Future | None:
+    """`_verify` in this process's verifier thread, or None when the memo already says the
+    file is good (a mismatch it remembers raises at once). The hash of a batch's new files
+    then runs beside the reads of its rows (both release the GIL): a first epoch costs
+    about max(read, hash) instead of their sum where a core is free."""
+    global _verifier
+    error = _remembered(path, st, expected)
+    if error == "":
+        return None
+    if error:
+        raise ChecksumError(error)
+    with _memo_lock:
+        if _verifier is None:
+            # One thread: the hashing takes at most one core besides the reader's.
+            _verifier = ThreadPoolExecutor(1, thread_name_prefix="cache-verify")
+        return _verifier.submit(_verify, path, fd, st, expected)
+
+
+def _read_video(
+    batch: dict[str, np.ndarray], rows: np.ndarray, video_id: int, out: dict[str, np.ndarray],
+    files: list[_ArrayFile], checks: list[tuple[np.ndarray, int, Future]], *, cache_dir: str,
+    cache_taps: list[str], taps: list[str], columns: list[int], clip_len: int, stride: int,
+    frame_interval: int, dtype: str,
+) -> None:
+    """One video's `rows` of the batch into `out` (`read_cached_batch`); its open file joins
+    `files` and its verification, if under way, `checks`. Raises what makes them bad."""
+    path = cache_file(cache_dir, video_id)
+    file = _ArrayFile(path, np.dtype(dtype))
+    files.append(file)
+    checksums = _index_checksums(cache_dir)
+    if video_id not in checksums:
+        raise ValueError(f"{path} is not in {INDEX_FILE}: {REBUILD_HINT}")
+    checksum, scale_checksum = checksums[video_id]
+    check = _verify_soon(path, file.fd, file.stat, checksum)
+    if check is not None:
+        checks.append((rows, video_id, check))
+    if dtype == "uint8":
+        scale_path = scale_file(cache_dir, video_id)
+        with open(scale_path, "rb") as f:  # 2 KB a tap: verified here, at once
+            _verify(scale_path, f.fileno(), os.fstat(f.fileno()), scale_checksum)
+            scales = np.load(f)
+        for tap, column in zip(taps, columns, strict=True):
+            out[f"{TAP_SCALE_PREFIX}{tap}"][rows] = scales[column]
+    num_frames = int(batch["num_frames"][rows[0]])
+    # The frames the file holds, ascending: row i of the file is frame held[i].
+    held = np.asarray(needed_frames(num_frames, clip_len, stride, frame_interval))
+    if file.shape[:2] != (len(cache_taps), len(held)):
+        raise ValueError(
+            f"holds {file.shape[:2]} (taps, frames), expected "
+            f"{(len(cache_taps), len(held))}: rebuild the cache"
+        )
+    for r in rows:
+        frames = frame_indices(int(batch["clip_start"][r]), num_frames, clip_len,
+                               frame_interval)
+        positions = np.minimum(np.searchsorted(held, frames), len(held) - 1)
+        if not np.array_equal(held[positions], frames):
+            raise ValueError(f"clip at {batch['clip_start'][r]} is off the cache's grid")
+        # Consecutive rows (the usual case): one read per tap; else one per frame.
+        first = int(positions[0])
+        runs = ([(first, 0, clip_len)]
+                if np.array_equal(positions, np.arange(first, first + clip_len))
+                else [(int(p), i, i + 1) for i, p in enumerate(positions)])
+        for tap, column in zip(taps, columns, strict=True):
+            for row, lo, hi in runs:
+                file.read_rows(column, row, out[f"{TAP_PREFIX}{tap}"][r, lo:hi])
 
 
 def read_cached_batch(
@@ -390,54 +641,50 @@ def read_cached_batch(
     file holds; `dtype` the cache's. Out: taps_<name> [B, T, 512, K, K] of `dtype` per
     tap (a uint8 cache adds tap_scale_<name> float32 [B, 512]; the worker multiplies on
     its device), label, video_id, clip_start, ok, error (as `decode_batch`).
+
+    Each file is verified against the index's checksum the first time this process opens
+    it (`_verify`, in the background while the rows are read: no row is returned before
+    its file has passed); a file that fails makes its video's rows bad clips.
     """
     size = len(batch["video_id"])
     columns = [cache_taps.index(tap) for tap in taps]
     shape = (size, clip_len, TAP_CHANNELS, map_size, map_size)
     out = {f"{TAP_PREFIX}{tap}": np.empty(shape, dtype=dtype) for tap in taps}
-    quantized = dtype == "uint8"
-    if quantized:
+    if dtype == "uint8":
         out |= {f"{TAP_SCALE_PREFIX}{tap}": np.zeros((size, TAP_CHANNELS), np.float32)
                 for tap in taps}
     ok = np.ones(size, dtype=bool)
     errors = np.full(size, "", dtype=object)
-    for video_id in np.unique(batch["video_id"]):
-        rows = np.flatnonzero(batch["video_id"] == video_id)
-        num_frames = int(batch["num_frames"][rows[0]])
-        file = None
-        try:
-            file = _ArrayFile(cache_file(cache_dir, int(video_id)), np.dtype(dtype))
-            if quantized:
-                scales = np.load(scale_file(cache_dir, int(video_id)))
-                for tap, column in zip(taps, columns, strict=True):
-                    out[f"{TAP_SCALE_PREFIX}{tap}"][rows] = scales[column]
-            # The frames the file holds, ascending: row i of the file is frame held[i].
-            held = np.asarray(needed_frames(num_frames, clip_len, stride, frame_interval))
-            if file.shape[:2] != (len(cache_taps), len(held)):
-                raise ValueError(
-                    f"holds {file.shape[:2]} (taps, frames), expected "
-                    f"{(len(cache_taps), len(held))}: rebuild the cache"
-                )
-            for r in rows:
-                frames = frame_indices(int(batch["clip_start"][r]), num_frames, clip_len,
-                                       frame_interval)
-                positions = np.minimum(np.searchsorted(held, frames), len(held) - 1)
-                if not np.array_equal(held[positions], frames):
-                    raise ValueError(f"clip at {batch['clip_start'][r]} is off the cache's grid")
-                # Consecutive rows (the usual case): one read per tap; else one per frame.
-                first = int(positions[0])
-                runs = ([(first, 0, clip_len)]
-                        if np.array_equal(positions, np.arange(first, first + clip_len))
-                        else [(int(p), i, i + 1) for i, p in enumerate(positions)])
-                for tap, column in zip(taps, columns, strict=True):
-                    for row, lo, hi in runs:
-                        file.read_rows(column, row, out[f"{TAP_PREFIX}{tap}"][r, lo:hi])
-        except Exception as e:  # missing file (video failed at build time), unreadable file
-            ok[rows] = False
-            errors[rows] = f"video {video_id}: no cached taps: {type(e).__name__}: {e}"
-        finally:
-            if file is not None:
-                file.close()
+
+    def fail(rows: np.ndarray, video_id: int, e: Exception) -> None:
+        ok[rows] = False
+        errors[rows] = f"video {video_id}: no cached taps: {type(e).__name__}: {e}"
+
+    files: list[_ArrayFile] = []
+    checks: list[tuple[np.ndarray, int, Future]] = []  # verifications under way
+    try:
+        for video_id in np.unique(batch["video_id"]).tolist():
+            rows = np.flatnonzero(batch["video_id"] == video_id)
+            try:
+                _read_video(batch, rows, video_id, out, files, checks, cache_dir=cache_dir,
+                            cache_taps=cache_taps, taps=taps, columns=columns,
+                            clip_len=clip_len, stride=stride, frame_interval=frame_interval,
+                            dtype=dtype)
+            # Missing file (the video failed at build time), unreadable, truncated or
+            # corrupt file (checksum mismatch): the video's clips are bad clips, as a bad
+            # video's.
+            except Exception as e:
+                fail(rows, video_id, e)
+    finally:
+        # Every verification ends before its file is closed (it reads through the same fd).
+        for rows, video_id, check in checks:
+            try:
+                check.result()
+            except Exception as e:
+                if ok[rows].all():  # not failed already for another reason
+                    fail(rows, video_id, e)
+        for file in files:
+            file.close()
     for tap in taps:
         out[f"{TAP_PREFIX}{tap}"][~ok] = 0  # failed rows carry zeros, never stale memory
     return {

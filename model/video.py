@@ -5,9 +5,10 @@ This module is the only place that turns a video into clip starts, clips, clip s
 video score. `jlstm predict`, the registered model's pyfunc (`orchestration/mlflow_model.py`)
 and `jlstm eval` (its clip table and its per-video aggregation) all go through it, so they
 cannot disagree. It ships with the registered model (only `model/` does), so it imports
-neither `data_shards` nor MLflow; decord only when a video is opened, and torch only when
-clips are scored, so the clip grid (Ray Data's decode tasks use it through
-`data_shards.clips`) loads with numpy alone.
+neither `data_shards` nor MLflow; it decodes through `model.decode_process` (decord in a
+child process, every call under a deadline) and imports torch only when clips are scored,
+so the clip grid (Ray Data's decode tasks use it through `data_shards.clips`) loads with
+numpy alone.
 
 The model's pipeline, named by what the logged model carries (`ClipGrid` in its MLmodel
 metadata, the clip rule in its `ModelConfig`):
@@ -24,14 +25,23 @@ metadata, the clip rule in its `ModelConfig`):
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model.decode_process import BoundedDecoder, VideoError, shared_decoder
+
 if TYPE_CHECKING:
     from model.net import JointAttentionNet
+
+__all__ = [
+    "SCORE_BATCH", "VIDEO_RULE", "ClipGrid", "VideoError", "VideoPrediction", "clip_span",
+    "clip_starts", "frame_indices", "predict_video", "score_clips", "top_k", "video_clips",
+    "video_score", "video_scores",
+]
 
 # A video's class scores are the mean of its clips' scores (MODEL_SPEC section 5).
 VIDEO_RULE = "mean"
@@ -81,43 +91,6 @@ class ClipGrid:
     def frames(self, start: int, num_frames: int) -> list[int]:
         """The `clip_len` frame indices of the clip at `start`."""
         return frame_indices(start, num_frames, self.clip_len, self.frame_interval)
-
-
-class VideoError(ValueError):
-    """A video that cannot be decoded; the message is one line: the decoder's reason."""
-
-
-def _one_line(err: BaseException) -> str:
-    # decord's messages span many lines (a C++ stack); errors end up in table rows and
-    # one-line reports.
-    return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-
-
-def open_video(path: str | Path, frame_size: int) -> Any:
-    """A decord VideoReader of `path` that resizes to frame_size x frame_size while decoding.
-
-    Raises `VideoError` when the file cannot be opened or has no frames.
-    """
-    import decord  # imported where a video is decoded: loading the model needs no decoder
-
-    try:
-        reader = decord.VideoReader(str(path), width=frame_size, height=frame_size, num_threads=1)
-    except Exception as err:  # decord raises DECORDError, RuntimeError, ...
-        raise VideoError(_one_line(err)) from None
-    if len(reader) < 1:
-        raise VideoError("the video has no frames")
-    return reader
-
-
-def read_clips(reader: Any, grid: ClipGrid, starts: list[int]) -> np.ndarray:
-    """uint8 ``[N, T, S, S, 3]``: the clips at `starts` from an open reader (looped if short)."""
-    num_frames = len(reader)
-    try:
-        return np.stack([
-            reader.get_batch(grid.frames(start, num_frames)).asnumpy() for start in starts
-        ])
-    except Exception as err:  # a cut file fails only when its missing frames are read
-        raise VideoError(_one_line(err)) from None
 
 
 def score_clips(net: JointAttentionNet, frames: np.ndarray) -> np.ndarray:
@@ -191,11 +164,27 @@ class VideoPrediction:
     first_clip: np.ndarray
 
 
+def video_clips(
+    path: str | Path, grid: ClipGrid, frame_size: int, decoder: BoundedDecoder | None = None
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Every clip of the grid of the video at `path`, `SCORE_BATCH` at a time: (starts,
+    uint8 ``[n, T, S, S, 3]``), decoded by `decoder` (default: this process's, with the
+    default deadline). Raises `VideoError` (`DecodeTimeout` past the deadline)."""
+    decoder = decoder or shared_decoder()
+    num_frames = decoder.num_frames(path, frame_size)
+    starts = grid.starts(num_frames)
+    for lo in range(0, len(starts), SCORE_BATCH):
+        batch = starts[lo : lo + SCORE_BATCH]
+        yield batch, decoder.read(path, frame_size, [grid.frames(s, num_frames) for s in batch])
+
+
 def predict_video(
-    net: JointAttentionNet, video: str | Path | bytes, grid: ClipGrid
+    net: JointAttentionNet, video: str | Path | bytes, grid: ClipGrid,
+    decoder: BoundedDecoder | None = None,
 ) -> VideoPrediction:
     """Decode every clip of the grid from `video` (a path, or a video file's bytes) and score
-    them; raises `VideoError` when the video cannot be decoded.
+    them; raises `VideoError` when the video cannot be decoded (`DecodeTimeout` when the
+    decoder does not answer within its deadline).
 
     Clips are decoded and scored `SCORE_BATCH` at a time: a long video never has all its
     clips in memory at once.
@@ -208,13 +197,11 @@ def predict_video(
         with tempfile.NamedTemporaryFile(prefix="jlstm-video-") as tmp:
             tmp.write(video)
             tmp.flush()
-            return predict_video(net, tmp.name, grid)
-    reader = open_video(video, cfg.frame_size)
-    starts = grid.starts(len(reader))
-    parts, first_clip = [], None
-    for lo in range(0, len(starts), SCORE_BATCH):
-        clips = read_clips(reader, grid, starts[lo : lo + SCORE_BATCH])
+            return predict_video(net, tmp.name, grid, decoder)
+    parts, num_clips, first_clip = [], 0, None
+    for starts, clips in video_clips(video, grid, cfg.frame_size, decoder):
         first_clip = clips[0].copy() if first_clip is None else first_clip
         parts.append(score_clips(net, clips))
+        num_clips += len(starts)
     assert first_clip is not None  # a video with frames has at least the clip at 0
-    return VideoPrediction(video_score(np.concatenate(parts)), len(starts), first_clip)
+    return VideoPrediction(video_score(np.concatenate(parts)), num_clips, first_clip)

@@ -20,11 +20,12 @@ log = logging.getLogger(__name__)
 
 def attention_examples(
     net: JointAttentionNet, cfg: JlstmConfig, test_videos: pa.Table, names: list[str],
-    out_dir: Path,
+    out_dir: Path, skip: set[int] | frozenset[int] = frozenset(),
 ) -> list[Path]:
     """Attention grids (paper Fig. 6) for the first clip of a few of `test_videos` (manifest
-    rows), one per class; a video that no longer decodes is skipped (its clips are in
-    bad_clips)."""
+    rows), one per class; the videos in `skip` (ids whose clips failed in the evaluation) and
+    a video that no longer decodes, or not within `data.decode_timeout_s`, are skipped
+    (their clips are in bad_clips)."""
     test = test_videos.to_pandas()
     model_cfg = net.cfg
     paths: list[Path] = []
@@ -33,14 +34,15 @@ def attention_examples(
     for row in test.itertuples():
         if len(paths) == cfg.tracking.attention_examples:
             break
-        if row.label in plotted:
+        if row.label in plotted or row.video_id in skip:
             continue
         try:
             frames = decode_clip(
                 video_file(cfg.data.root, row.video_path), 0, int(row.num_frames),
                 model_cfg.clip_len, cfg.data.frame_interval, model_cfg.frame_size,
+                cfg.data.decode_timeout_s,
             )
-        except Exception as err:  # decord raises RuntimeError, DECORDError, ...
+        except Exception as err:  # VideoError (DecodeTimeout past data.decode_timeout_s), ...
             log.warning("attention example: skipped %s: %s", row.video_path, err)
             continue
         with torch.no_grad():

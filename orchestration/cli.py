@@ -26,6 +26,16 @@ def _splits(text: str) -> list[int]:
     return splits
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds > 0")
+    return value
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument(
@@ -50,24 +60,57 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from orchestration.config import load_config
     from orchestration.inference import evaluate_model
+    from orchestration.tracking import log_evaluation
 
     cfg = load_config(args.config, args.overrides)
     metrics = evaluate_model(args.model, cfg, out_dir=args.out)
     for key, value in sorted(metrics.items()):
         print(f"{key:28s} {value:.4f}")
-    print(f"report written to {args.out}")
+    run_id = log_evaluation(args.model, metrics, args.out)
+    print(f"report written to {args.out}, logged to MLflow run {run_id}")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from data_shards.splits import VIDEO_EXTENSIONS
+    from orchestration.batch_predict import DEFAULT_OUT, LIST_SUFFIXES, predict_many
+    from orchestration.config import load_config
+    from orchestration.errors import ConfigError
     from orchestration.inference import predict_video
 
-    ranked = predict_video(
-        args.video, args.model, top_k=args.top_k, attention_png=args.attention,
-        frame_interval=args.frame_interval,
+    source = Path(args.input)
+    if not source.exists():  # before loading a model: a typo answers at once
+        raise FileNotFoundError(f"INPUT {args.input!r} does not exist")
+    if args.overrides and not args.config:
+        raise ConfigError("--set needs --config")
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    timeout_s = args.decode_timeout_s or (cfg and cfg.data.decode_timeout_s) or None
+    one_video = not source.is_dir() and source.suffix.lower() not in LIST_SUFFIXES
+    if args.attention and not (one_video and args.out is None):
+        raise ConfigError("--attention draws one video: give one video and no --out")
+    if one_video and args.out is None:
+        ranked = predict_video(
+            source, args.model, top_k=args.top_k, attention_png=args.attention,
+            frame_interval=args.frame_interval,
+            **({"decode_timeout_s": timeout_s} if timeout_s else {}),
+        )
+        for name, prob in ranked:
+            print(f"{prob:7.2%}  {name}")
+        return 0
+    if one_video and source.suffix.lower() not in VIDEO_EXTENSIONS:
+        print(f"jlstm: {source} is read as a video (a list file ends "
+              f"{', '.join(sorted(LIST_SUFFIXES))})")
+    summary = predict_many(
+        source, args.model, args.out or DEFAULT_OUT, top_k=args.top_k,
+        frame_interval=args.frame_interval, use_gpu=bool(cfg and cfg.cluster.use_gpu),
+        **({"decode_timeout_s": timeout_s} if timeout_s else {}),
     )
-    for name, prob in ranked:
-        print(f"{prob:7.2%}  {name}")
+    print(
+        f"{summary.videos} videos: {summary.predicted} predicted ({summary.errors} with an "
+        f"error), {summary.skipped} already there; {summary.seconds:.1f} s; rows in {summary.out}"
+    )
     return 0
 
 
@@ -221,14 +264,36 @@ def add_run_commands(commands: Any, data_commands: Any) -> None:
     evaluate.add_argument("--out", default="runs/eval", help="folder for the report files")
     evaluate.set_defaults(func=_cmd_eval)
 
-    predict = commands.add_parser("predict", help="top-k classes of one video")
-    predict.add_argument("video", help="a video file")
+    predict = commands.add_parser(
+        "predict", help="top-k classes of one video; many videos to a Parquet dataset (Ray Data)"
+    )
+    predict.add_argument(
+        "input", metavar="INPUT",
+        help="a video, a folder (searched recursively) or a list of paths (.txt, .csv)",
+    )
     predict.add_argument("--model", required=True, help="models:/jlstm-<dataset>@champion")
+    predict.add_argument(
+        "--out", metavar="DIR",
+        help="Parquet dataset (a folder of part files) of one row per video; a re-run skips "
+        "the videos already there (default for a folder or list: predictions.parquet)",
+    )
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument(
         "--frame-interval", type=int, help="default: the one the model was trained with"
     )
+    predict.add_argument(
+        "--decode-timeout-s", type=_positive_float, metavar="S",
+        help="deadline of one decode call (default: the config's data.decode_timeout_s, 30)",
+    )
     predict.add_argument("--attention", metavar="OUT.png", help="also draw the attention maps")
+    predict.add_argument(
+        "--config", help="run config: cluster.use_gpu (a GPU per scoring actor), "
+        "data.decode_timeout_s",
+    )
+    predict.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a key of --config (repeatable)",
+    )
     predict.set_defaults(func=_cmd_predict)
 
     demo = commands.add_parser(

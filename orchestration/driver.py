@@ -33,6 +33,7 @@ from orchestration.checkpoint import EVAL_DIR, Checkpointer, TrainState, bad_cli
 from orchestration.config import JlstmConfig
 from orchestration.epoch_logger import EpochLoggerCallback, MlflowEpochLogger, log_missing_epochs
 from orchestration.errors import ConfigError
+from orchestration.evaluate import test_videos_of
 from orchestration.metrics import (
     EVAL_PREFIX,
     PLOTTED_ACCURACIES,
@@ -168,6 +169,7 @@ def build_trainer(
     setup = WorkerSetup(
         cfg, data.model_cfg, data.class_names, data.test_videos, data.train_clips,
         data.readers, data.targets, system_metrics,
+        test_video_paths=test_videos_of(data.run.subset("test")),
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -318,7 +320,11 @@ def finish_run(
         plots = [plot_loss_curves(
             history, PLOTTED_LOSSES, PLOTTED_ACCURACIES, Path(tmp) / "loss_curves.png"
         )]
-        plots += attention_examples(net, cfg, data.run.subset("test"), data.class_names, Path(tmp))
+        # Videos whose test clips failed (a hang took a whole decode deadline) are skipped.
+        failed = {int(f["video_id"]) for f in bad_clips(checkpoint) if f["subset"] == "test"}
+        plots += attention_examples(
+            net, cfg, data.run.subset("test"), data.class_names, Path(tmp), skip=failed
+        )
         for path in plots:
             client.log_artifact(run_id, str(path), "plots")
 

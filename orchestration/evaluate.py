@@ -2,8 +2,10 @@
 
 Every test clip is scored twice, with the paper's `vote` rule and the `prob` rule; a video's
 prediction averages the clip scores of all its test clips. Reported: clip and video top-1,
-top-5 and mean-class accuracy for both rules, a per-class table and a video-level confusion
-matrix. Pure numpy/pyarrow: the caller turns network outputs into `ClipPredictions`.
+top-5 and mean-class accuracy for both rules, a per-class table, a video-level confusion
+matrix and every test video's prediction (`video_predictions.parquet`: the rows `jlstm
+predict` writes, by the model's own clip rule, plus the true label). Pure numpy/pyarrow:
+the caller turns network outputs into `ClipPredictions`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from model.video import video_scores
 from orchestration.plots import plot_confusion_matrix
@@ -23,6 +26,18 @@ from orchestration.plots import plot_confusion_matrix
 MODES = ("vote", "prob")
 # The confusion matrix uses the paper's clip rule (`vote`), aggregated to videos.
 CONFUSION_MODE = "vote"
+VIDEO_PREDICTIONS_FILE = "video_predictions.parquet"
+# One video's prediction: the served model's row (`mlflow_model.OUTPUT_COLUMNS`) with the
+# video's name first; `jlstm predict` writes these, and evaluation with `true_label`.
+PREDICTION_FIELDS = (
+    pa.field("video", pa.string()),
+    pa.field("label", pa.string()),
+    pa.field("score", pa.float64()),
+    pa.field("top_k", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))),
+    pa.field("num_clips", pa.int64()),
+    pa.field("error", pa.string()),
+)
+VIDEO_PREDICTIONS_SCHEMA = pa.schema([*PREDICTION_FIELDS, pa.field("true_label", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -118,15 +133,18 @@ class EvalReport:
         per_class: one row per class: class_name, label, videos, video_top1_vote,
             video_top1_prob, clips, clip_top1_vote (accuracies null for classes without data).
         class_names: the C class names, index = label.
+        videos: every test video's prediction (`VIDEO_PREDICTIONS_SCHEMA`), or None.
     """
 
     metrics: dict[str, float]
     confusion: np.ndarray
     per_class: pa.Table
     class_names: list[str]
+    videos: pa.Table | None = None
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write metrics.json, per_class_accuracy.csv and confusion_matrix.png into out_dir."""
+        """Write metrics.json, per_class_accuracy.csv, confusion_matrix.png and (with
+        `videos`) video_predictions.parquet into out_dir."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {
@@ -137,6 +155,9 @@ class EvalReport:
         paths["metrics"].write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
         pacsv.write_csv(self.per_class, paths["per_class_accuracy"])
         plot_confusion_matrix(self.confusion, self.class_names, paths["confusion_matrix"])
+        if self.videos is not None:
+            paths["video_predictions"] = out / VIDEO_PREDICTIONS_FILE
+            pq.write_table(self.videos, paths["video_predictions"])
         return paths
 
 
@@ -257,6 +278,17 @@ def evaluate(preds: ClipPredictions, class_names: list[str]) -> EvalReport:
         per_class=per_class_table(preds, videos, list(class_names)),
         class_names=list(class_names),
     )
+
+
+def test_videos_of(manifest: pa.Table) -> dict[int, tuple[str, int]]:
+    """video_id -> (video_path, label) of the manifest rows `manifest` (the test subset):
+    what evaluation names its video predictions with."""
+    return {
+        int(v): (str(p), int(label)) for v, p, label in zip(
+            manifest["video_id"].to_pylist(), manifest["video_path"].to_pylist(),
+            manifest["label"].to_pylist(), strict=True,
+        )
+    }
 
 
 def attention_on_target(attention: np.ndarray, inside: np.ndarray) -> np.ndarray:

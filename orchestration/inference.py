@@ -1,4 +1,5 @@
-"""Using a logged model: `jlstm eval` on every test clip, `jlstm predict` on one video."""
+"""Using a logged model: `jlstm eval` on every test clip, `jlstm predict` on one video (many:
+`orchestration.batch_predict`), and loading a model for prediction with one-line errors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
+from mlflow.exceptions import MlflowException
 from ray.train.torch import TorchTrainer
 
 from data_shards.cluster import init_ray
@@ -18,12 +20,15 @@ from data_shards.index import ensure_index
 from data_shards.run_data import RunData, load_run_data
 from model import ModelConfig, normalize_frames
 from model import video as model_video
+from model.decode_process import DEFAULT_TIMEOUT_S, BoundedDecoder, one_line
 from orchestration import registry, tracking
 from orchestration.checkpoint import BAD_CLIPS_FILE, EVAL_DIR
 from orchestration.config import JlstmConfig
 from orchestration.driver import SplitEvalDataConfig, check_test_clips_scored
+from orchestration.errors import ConfigError
+from orchestration.evaluate import test_videos_of
 from orchestration.metrics import EVAL_PREFIX
-from orchestration.mlflow_model import with_frame_interval
+from orchestration.mlflow_model import LoadedModel, with_frame_interval
 from orchestration.plots import plot_attention_overlay
 from orchestration.session import plan_run, run_storage
 from orchestration.worker import SETUP_KEY, EvalSetup, eval_loop_per_worker
@@ -75,6 +80,7 @@ def evaluate_distributed(
             model_cfg, names, ray.put({k: v.cpu() for k, v in state_dict.items()}),
             max(1, cfg.train.batch_size // plan.num_workers),
             clip_readers(cfg.data, model_cfg, run.cache_key)["val"], test_videos,
+            test_video_paths=test_videos_of(run.subset("test")),
         )},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers,
@@ -104,6 +110,30 @@ def evaluate_distributed(
     }
 
 
+def load_for_prediction(model_uri: str, frame_interval: int | None = None) -> LoadedModel:
+    """The model at `model_uri` (`frame_interval`: None keeps its own), checked for use:
+    ConfigError in one line for a model MLflow does not have, or one without the files
+    jlstm logs (weights, config, class names)."""
+    tracking.connect()
+    try:
+        loaded = registry.load_model(model_uri)
+    except MlflowException as err:
+        raise ConfigError(f"--model {model_uri}: {one_line(err)}") from None
+    except (KeyError, OSError) as err:  # an artifact the pyfunc needs is not there
+        name = err.args[0] if isinstance(err, KeyError) else Path(str(err.filename)).name
+        raise ConfigError(
+            f"--model {model_uri} has no {name!r} (a model jlstm logs has weights, its "
+            "config and its class names): it cannot name classes"
+        ) from None
+    names = loaded.class_names
+    if not names or len(names) != loaded.model_cfg.num_classes:
+        raise ConfigError(
+            f"--model {model_uri} lists {len(names)} class names for "
+            f"{loaded.model_cfg.num_classes} classes: it cannot name classes"
+        )
+    return with_frame_interval(loaded, frame_interval)
+
+
 def predict_video(
     video: str | Path,
     model_uri: str,
@@ -111,23 +141,27 @@ def predict_video(
     top_k: int = 5,
     attention_png: str | Path | None = None,
     frame_interval: int | None = None,
+    decode_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[tuple[str, float]]:
     """Top-k (class, score) of one video by the model's own pipeline (`model.video`: the
     clip grid its metadata names, its clip rule, clip scores averaged), which the served
     model and `jlstm eval` use too.
 
     `frame_interval` defaults to the one the model was trained with. A video that cannot be
-    decoded raises `BadDataError` naming it and the decoder's reason.
+    decoded, or not within `decode_timeout_s` a call, raises `BadDataError` naming it and
+    the decoder's reason.
     """
     video = Path(video)
-    if not video.is_file():
+    if not video.exists() or video.is_dir():
         raise FileNotFoundError(f"video {str(video)!r} does not exist")
-    tracking.connect()
-    loaded = with_frame_interval(registry.load_model(model_uri), frame_interval)
+    loaded = load_for_prediction(model_uri, frame_interval)
+    decoder = BoundedDecoder(decode_timeout_s)
     try:
-        prediction = model_video.predict_video(loaded.net, video, loaded.grid)
+        prediction = model_video.predict_video(loaded.net, video, loaded.grid, decoder)
     except model_video.VideoError as err:
         raise BadDataError(f"cannot decode {video}: {err}") from None
+    finally:
+        decoder.close()
     ranked = model_video.top_k(prediction.scores, loaded.class_names, top_k)
     if attention_png:
         clip = prediction.first_clip

@@ -93,18 +93,25 @@ def load_from_files(
     """Rebuild the network from its config and load the saved weights (eval mode); `pipeline`
     is the logged model's metadata (its clip grid)."""
     cfg = ModelConfig.model_validate(json.loads(Path(model_config).read_text()))
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    return LoadedModel(
+        net=net_from_state(cfg, state, device), model_cfg=cfg,
+        class_names=json.loads(Path(class_names).read_text()), grid=grid_of(cfg, pipeline),
+    )
+
+
+def net_from_state(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+) -> JointAttentionNet:
+    """The network of `cfg` with the weights `state`, in eval mode on `device` (also how
+    `jlstm predict`'s scoring actors build it from the state dict they are sent)."""
     # The saved state dict already holds the backbone's weights, so the build must not need
     # the training machine's VGG16 file, and its "randomly initialized" warning is moot.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="VGG16Taps: no backbone_weights")
         net = JointAttentionNet(cfg.model_copy(update={"backbone_weights": None}))
-    state = torch.load(weights, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
-    net.to(device).eval()
-    return LoadedModel(
-        net=net, model_cfg=cfg, class_names=json.loads(Path(class_names).read_text()),
-        grid=grid_of(cfg, pipeline),
-    )
+    return net.to(device).eval()
 
 
 def with_frame_interval(loaded: LoadedModel, frame_interval: int | None) -> LoadedModel:
@@ -155,6 +162,30 @@ def _video_of(row: dict[str, Any]) -> bytes | Path:
     raise ValueError("no video: give video_b64 (the file's bytes, base64) or video (a path)")
 
 
+def prediction_row(
+    scores: np.ndarray, num_clips: int, class_names: list[str], k: int = DEFAULT_TOP_K
+) -> dict[str, Any]:
+    """The output row (`OUTPUT_COLUMNS`) of a video scored `scores` ``[C]`` over `num_clips`
+    clips: the one row format of the served model, `jlstm predict` and `jlstm eval`'s
+    video_predictions.parquet."""
+    ranked = top_k(scores, class_names, k)
+    return {
+        "label": ranked[0][0], "score": float(ranked[0][1]),
+        "top_k": [{"label": name, "score": float(score)} for name, score in ranked],
+        "num_clips": int(num_clips), "error": "",
+    }
+
+
+def error_row(error: str) -> dict[str, Any]:
+    """The output row of a video that has no prediction: no label, score 0, its error."""
+    return {"label": "", "score": 0.0, "top_k": [], "num_clips": 0, "error": error}
+
+
+def decode_error(err: BaseException) -> str:
+    """The `error` of a video the decoder refused (`VideoError`, `DecodeTimeout`)."""
+    return f"cannot decode the video: {err}"
+
+
 def predict_videos(loaded: LoadedModel, rows: pd.DataFrame, k: int = DEFAULT_TOP_K) -> pd.DataFrame:
     """One output row per input row (see the module's docstring); never raises for a bad
     video, only for a broken model or machine."""
@@ -163,19 +194,15 @@ def predict_videos(loaded: LoadedModel, rows: pd.DataFrame, k: int = DEFAULT_TOP
         try:
             prediction = predict_video(loaded.net, _video_of(row), loaded.grid)
         except VideoError as err:
-            result = {"error": f"cannot decode the video: {err}"}
+            result = error_row(decode_error(err))
         except ValueError as err:
-            result = {"error": str(err)}
+            result = error_row(str(err))
         else:
-            ranked = top_k(prediction.scores, loaded.class_names, k)
-            result = {
-                "label": ranked[0][0], "score": ranked[0][1],
-                "top_k": [{"label": name, "score": score} for name, score in ranked],
-                "num_clips": prediction.num_clips, "error": "",
-            }
-        defaults = {"label": "", "score": 0.0, "top_k": [], "num_clips": 0, "error": ""}
+            result = prediction_row(
+                prediction.scores, prediction.num_clips, loaded.class_names, k
+            )
         for column in OUTPUT_COLUMNS:
-            out[column].append({**defaults, **result}[column])
+            out[column].append(result[column])
     frame = pd.DataFrame(out, columns=list(OUTPUT_COLUMNS))
     return frame.astype({"score": np.float64, "num_clips": np.int64})
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -145,6 +146,9 @@ RUN_NAME_TAG = "jlstm.run_name"
 # Set once a run's final model is logged: re-running a finished run name logs nothing twice.
 FINISHED_TAG = "jlstm.finished_epoch"
 VERSION_TAG = "jlstm.model_version"
+EVALUATED_MODEL_TAG = "jlstm.evaluated_model"  # on `jlstm eval`'s runs: the model's URI
+EVALUATED_RUN_TAG = "jlstm.evaluated_run"  # and the run that trained it
+EVAL_EXPERIMENT = "jlstm-eval"  # for a model with no training run in this store
 
 
 def find_run(cfg: JlstmConfig, experiment_id: str) -> str | None:
@@ -254,6 +258,34 @@ def tracked_run(
         end_run(run_id, "FAILED")
         raise
     end_run(run_id, run.status)
+
+
+def log_evaluation(
+    model_uri: str, metrics: dict[str, float], report_dir: str | Path
+) -> str:
+    """`jlstm eval`'s own MLflow run, in the experiment of the run that trained the model
+    (so it lists beside it), named `eval-<model>`, tagged with the model's URI and that run:
+    the metrics, and the report files under `evaluation/` (video_predictions.parquet among
+    them, as a training run logs its own). Returns its id."""
+    client = MlflowClient()
+    trained_by = mlflow.models.get_model_info(model_uri).run_id or ""
+    experiment_id = (
+        client.get_run(trained_by).info.experiment_id if trained_by
+        else get_or_create_experiment(EVAL_EXPERIMENT)
+    )
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", model_uri.removeprefix("models:/")).strip("-")
+    run_id = client.create_run(
+        experiment_id, run_name=f"eval-{name}",
+        tags={EVALUATED_MODEL_TAG: model_uri, EVALUATED_RUN_TAG: trained_by},
+    ).info.run_id
+    with tracked_run(run_id=run_id):
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0)
+                             for k, v in sorted(metrics.items())],
+        )
+        client.log_artifacts(run_id, str(report_dir), "evaluation")
+    return run_id
 
 
 def end_run(run_id: str, status: str) -> None:

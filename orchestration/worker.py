@@ -20,10 +20,11 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray.train
 import ray.train.torch
 import torch
@@ -36,7 +37,14 @@ from orchestration.batching import rank_batch_sizes, rank_loss_weight, steps_per
 from orchestration.checkpoint import Checkpointer, TrainState
 from orchestration.config import JlstmConfig
 from orchestration.epoch_logger import start_system_metrics
-from orchestration.evaluate import ClipPredictions, EvalReport, attention_on_target, evaluate
+from orchestration.evaluate import (
+    VIDEO_PREDICTIONS_SCHEMA,
+    ClipPredictions,
+    EvalReport,
+    aggregate_videos,
+    attention_on_target,
+    evaluate,
+)
 from orchestration.graphed_step import GraphedTrainStep, use_cuda_graphs
 from orchestration.metrics import (
     ATTENTION_ON_TARGET,
@@ -59,6 +67,7 @@ from orchestration.metrics import (
     eval_metric,
     loss_metric,
 )
+from orchestration.mlflow_model import error_row, prediction_row
 from orchestration.step import (
     BadClip,
     EagerTrainStep,
@@ -97,6 +106,9 @@ class WorkerSetup:
     readers: dict[str, ClipReader | None]
     targets: TargetCells | None = None  # the moving shape's cells, on synthetic data
     system_metrics: SystemMetrics | None = None
+    # video_id -> (video_path, label) of the test videos (`evaluate.test_videos_of`): the
+    # evaluation's video_predictions.parquet (None: not written).
+    test_video_paths: dict[int, tuple[str, int]] | None = None
 
 
 SETUP_KEY = "setup"
@@ -204,6 +216,7 @@ class WorkerTrainer:
             evaluated = evaluate_shard(
                 self.model, self.device, self.batch_size, readers["val"],
                 self.setup.class_names, self.setup.test_videos, self.setup.targets,
+                self.setup.test_video_paths,
             )
             stop = evaluated.clips_scored == 0  # the driver names the first error
         # Rank 0 holds the evaluation's metrics; the other ranks report training's alone.
@@ -315,6 +328,7 @@ def evaluate_shard(
     class_names: list[str],
     test_videos: int,
     targets: TargetCells | None = None,
+    video_paths: dict[int, tuple[str, int]] | None = None,
 ) -> ShardEvaluation:
     """Score this worker's shard of `val`; rank 0 gets the metrics of all the shards.
 
@@ -324,7 +338,8 @@ def evaluate_shard(
     counted in `val_videos_unscored` (the metrics cover `val_videos_scored` videos). When
     no clip at all could be scored there are no accuracies, only those counts.
     With `targets` (synthetic data), `val_attention_on_target[_<tap>]` says how strongly
-    the attention looks at the moving shape (`evaluate.attention_on_target`).
+    the attention looks at the moving shape (`evaluate.attention_on_target`). With
+    `video_paths` the report holds every test video's prediction (`video_predictions`).
     """
     started = time.perf_counter()
     batches = iter_clip_batches(ray.train.get_dataset_shard("val"), batch_size, read)
@@ -344,6 +359,10 @@ def evaluate_shard(
         return ShardEvaluation(0, counts | unscored, None, failures)
     merged = ClipPredictions.concat(preds).sorted()
     report = evaluate(merged, class_names)
+    if video_paths is not None:
+        report = replace(report, videos=video_predictions(
+            merged, failures, class_names, video_paths, model.cfg.prediction
+        ))
     out = {eval_metric(k): float(v) for k, v in report.metrics.items()} | counts
     if on_target:  # [clips, branches]: the mean over test clips (and steps) per branch
         per_branch = np.concatenate(on_target).mean(axis=0)
@@ -355,6 +374,36 @@ def evaluate_shard(
     # Until the slowest worker's shard is scored and gathered: the evaluation's wall time.
     out[VAL_SECONDS] = time.perf_counter() - started
     return ShardEvaluation(scored, out, report, failures)
+
+
+def video_predictions(
+    preds: ClipPredictions,
+    failures: list[BadClip],
+    class_names: list[str],
+    video_paths: dict[int, tuple[str, int]],
+    rule: str,
+) -> pa.Table:
+    """One row per test video, as `jlstm predict` writes it (`mlflow_model.prediction_row`
+    on the video's scores by the model's clip rule `rule`, averaged over its scored clips
+    by `model.video.video_scores`), plus `true_label`. A video none of whose clips scored
+    gets an error row with its first failed clip's reason; `num_clips` counts the clips
+    scored (the failed ones are in bad_clips.csv)."""
+    videos = aggregate_videos(preds)
+    ids, counts = np.unique(preds.video_id, return_counts=True)
+    clips = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    scored = dict(zip(videos.video_id.tolist(), videos.scores(rule), strict=True))
+    first_error: dict[int, str] = {}
+    for failure in failures:
+        first_error.setdefault(int(failure.video_id), failure.error)
+    rows = []
+    for video_id, (path, label) in sorted(video_paths.items()):
+        if video_id in scored:
+            row = prediction_row(scored[video_id], clips[video_id], class_names)
+        else:
+            reason = first_error.get(video_id, "none of its clips reached the evaluation")
+            row = error_row(f"no clip of the video could be scored: {reason}")
+        rows.append({"video": path, **row, "true_label": class_names[label]})
+    return pa.Table.from_pylist(rows, schema=VIDEO_PREDICTIONS_SCHEMA)
 
 
 @torch.no_grad()
@@ -405,6 +454,8 @@ class EvalSetup:
     batch_size: int  # per worker
     read: ClipReader | None  # the test clips' reader (cached taps), or None
     test_videos: int
+    # video_id -> (video_path, label) of the test videos: video_predictions.parquet
+    test_video_paths: dict[int, tuple[str, int]] | None = None
 
 
 def eval_loop_per_worker(loop_config: dict[str, EvalSetup]) -> None:
@@ -417,7 +468,8 @@ def eval_loop_per_worker(loop_config: dict[str, EvalSetup]) -> None:
     model.load_state_dict(ray.get(setup.state_ref))
     model.to(device)
     evaluated = evaluate_shard(
-        model, device, setup.batch_size, setup.read, setup.class_names, setup.test_videos
+        model, device, setup.batch_size, setup.read, setup.class_names, setup.test_videos,
+        video_paths=setup.test_video_paths,
     )
     checkpointer = Checkpointer()
     if ray.train.get_context().get_world_rank() != 0:

@@ -1,5 +1,10 @@
 """Clips that fail during training and evaluation are accounted for, never silently dropped.
 
+A video swapped for a FIFO after indexing hangs the decoder (opening it blocks forever in
+native code): the run and the cache build each report it as a "timeout" and end within
+their normal time (the same run without the FIFO, measured in the same test) plus
+2 x `data.decode_timeout_s`.
+
 Videos are broken after indexing (their bytes overwritten), so the index has them and the
 decode path meets the failure in the middle of a run: a few failures are reported as an
 MLflow artifact and the run finishes; most clips failing stops the run with one line. The
@@ -10,6 +15,8 @@ Train runs its workers in folders of their own; relative paths once failed every
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +60,70 @@ def _indexed(root: Path, storage: Path, run_name: str, **sections: dict) -> tupl
 
 def _break(video: dict) -> None:
     Path(video["file"]).write_bytes(b"this is no longer a video" * 64)
+
+
+# Long enough that a hang's cost stands out of the run-to-run noise of a tiny run.
+HANG_TIMEOUT_S = 8.0
+
+
+def _swap_for_fifo(video: dict) -> None:
+    """Replace the video's file by a FIFO: an open blocks until a writer comes (never)."""
+    path = Path(video["file"])
+    path.unlink()
+    os.mkfifo(path)
+
+
+def test_a_video_that_hangs_the_decoder_is_a_timeout_and_the_run_ends_in_time(
+    ray_cluster: None, sqlite_tracking: str, tmp_path: Path
+) -> None:
+    """The normal run first: the first run of a session also starts Ray's worker processes,
+    which would count against the run that meets the FIFO."""
+    raw, videos = _indexed(
+        tmp_path / "videos", tmp_path / "ray", "normal",
+        data={"decode_timeout_s": HANG_TIMEOUT_S, "max_bad_fraction": 0.5},
+    )
+    client = MlflowClient()
+    started = time.monotonic()
+    normal_run = train_split(validate_config(raw))
+    normal = time.monotonic() - started
+    assert client.get_run(normal_run.run_id).data.metrics["train_bad_clips"] == 0
+
+    hanging = next(v for v in videos if v["subset"] == "train")
+    _swap_for_fifo(hanging)
+    started = time.monotonic()
+    result = train_split(validate_config({**raw, "run_name": "fifo"}))
+    with_hang = time.monotonic() - started
+
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    local = client.download_artifacts(result.run_id, "bad_clips/epoch_001.csv", str(tmp_path))
+    rows = pacsv.read_csv(local).to_pylist()
+    assert rows and {r["video_id"] for r in rows} == {hanging["video_id"]}
+    assert all("timeout" in r["error"] for r in rows), rows
+    print(f"normal run {normal:.1f} s, with the FIFO {with_hang:.1f} s")
+    assert with_hang <= normal + 2 * HANG_TIMEOUT_S, (with_hang, normal)
+
+
+def test_a_cache_build_that_meets_a_hanging_video_reports_it_and_ends_in_time(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    raw, videos = _indexed(
+        tmp_path / "videos", tmp_path / "ray", "fifo-cache",
+        data={"feature_cache": str(tmp_path / "features"), "decode_timeout_s": HANG_TIMEOUT_S},
+    )
+    cfg = validate_config(raw)
+    model_cfg = cfg.resolve_model(2)
+    started = time.monotonic()
+    assert build_feature_cache(cfg.data, model_cfg).num_failed == 0
+    normal = time.monotonic() - started
+
+    hanging = videos[0]
+    _swap_for_fifo(hanging)
+    started = time.monotonic()
+    info = build_feature_cache(cfg.data, model_cfg, rebuild=True)
+    with_hang = time.monotonic() - started
+    assert info.num_failed == 1 and "timeout" in info.first_error
+    assert Path(hanging["video_path"]).name in info.first_error
+    assert with_hang <= normal + 2 * HANG_TIMEOUT_S, (with_hang, normal)
 
 
 def test_a_video_broken_after_indexing_is_reported_and_the_run_finishes(

@@ -1,7 +1,13 @@
-"""decord decoding: exactly the intended frames, resized, looped; failures become rows."""
+"""decord decoding: exactly the intended frames, resized, looped; failures become rows; a
+decode that hangs (a FIFO: its open blocks forever in native code) ends at its deadline."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +15,7 @@ import pytest
 
 from data_shards.decode import decode_batch, decode_clip
 from data_shards.synth import read_frame_index, write_index_video
+from model.decode_process import BoundedDecoder, DecodeTimeout
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +32,14 @@ def index_video(tmp_path_factory: pytest.TempPathFactory) -> str:
         (55, 1, [55, 56, 57, 58, 59, 0, 1, 2]),  # past the end: loops
     ],
 )
+@pytest.mark.parametrize("timeout_s", [30.0, None], ids=["bounded", "in-process"])
 def test_decoded_clip_holds_exactly_the_intended_frames(
-    index_video: str, start: int, interval: int, expected: list[int]
+    index_video: str, start: int, interval: int, expected: list[int], timeout_s: float | None
 ) -> None:
-    clip = decode_clip(index_video, start, 60, clip_len=8, frame_interval=interval, frame_size=32)
+    clip = decode_clip(
+        index_video, start, 60, clip_len=8, frame_interval=interval, frame_size=32,
+        timeout_s=timeout_s,
+    )
     assert clip.shape == (8, 32, 32, 3) and clip.dtype == np.uint8
     assert [read_frame_index(frame) for frame in clip] == expected
 
@@ -55,3 +66,89 @@ def test_decode_batch_flags_failures_without_raising(index_video: str, tmp_path:
     assert [read_frame_index(f) for f in out["frames"][0]] == [8, 9, 10, 11]
     assert not out["frames"][1:].any()  # failed clips are all-zero frames
     assert out["label"].tolist() == [1, 2, 3, 4] and out["label"].dtype == np.int64
+
+
+def test_a_decode_that_hangs_is_a_timeout_row_once_and_the_next_clips_decode(
+    index_video: str, tmp_path: Path
+) -> None:
+    """A FIFO swapped in for a video: opening it blocks forever inside decord. Its two clips
+    cost one deadline (the second fails at once), and the clips after it decode in the
+    restarted decoder process."""
+    fifo = tmp_path / "swapped.avi"
+    os.mkfifo(fifo)
+    timeout_s = 1.5
+    batch = {
+        "video_path": np.array([index_video, str(fifo), str(fifo), index_video]),
+        "num_frames": np.array([60, 60, 60, 60]),
+        "label": np.array([0, 1, 1, 0]),
+        "video_id": np.array([1, 2, 2, 1]),
+        "clip_start": np.array([0, 0, 8, 16]),
+    }
+    started = time.monotonic()
+    out = decode_batch(batch, clip_len=4, frame_interval=1, frame_size=32, timeout_s=timeout_s)
+    elapsed = time.monotonic() - started
+    assert out["ok"].tolist() == [True, False, False, True]
+    assert all(f"{fifo}: timeout" in e for e in out["error"][1:3]), out["error"]
+    assert [read_frame_index(f) for f in out["frames"][3]] == [16, 17, 18, 19]
+    assert timeout_s <= elapsed < 2 * timeout_s, elapsed
+
+
+def test_the_decoder_process_does_not_outlive_a_killed_parent(tmp_path: Path) -> None:
+    """A worker killed (SIGKILL) while its decoder hangs in native code leaves no process
+    behind: the child gets the kernel's parent-death signal."""
+    fifo = tmp_path / "hang.avi"
+    os.mkfifo(fifo)
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from model.decode_process import BoundedDecoder\n"
+         "d = BoundedDecoder(600); d._start(); print(d._child.pid, flush=True)\n"
+         f"d.read({str(fifo)!r}, 32, [[0]])"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    time.sleep(0.5)  # the child is now blocked opening the FIFO
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_bounded_decoder_reports_a_broken_file_in_one_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.avi"
+    garbage.write_bytes(b"not a video" * 100)
+    decoder = BoundedDecoder(10)
+    try:
+        with pytest.raises(ValueError) as err:
+            decoder.num_frames(garbage, 32)
+        assert not isinstance(err.value, DecodeTimeout)
+        assert "\n" not in str(err.value) and str(err.value)
+    finally:
+        decoder.close()
+
+
+def test_a_video_replaced_under_the_same_path_is_read_anew(tmp_path: Path) -> None:
+    """The child keeps readers open across calls; a file swapped in place must not be read
+    through the old one (a rebuilt dataset, a re-copied file)."""
+    path = tmp_path / "v.avi"
+    write_index_video(path, 20, size=32)
+    decoder = BoundedDecoder(10)
+    try:
+        assert decoder.num_frames(path, 32) == 20
+        replacement = write_index_video(tmp_path / "new.avi", 40, size=32)
+        os.replace(replacement, path)
+        assert decoder.num_frames(path, 32) == 40
+        clip = decoder.read(path, 32, [[30, 31]])[0]
+        assert [read_frame_index(frame) for frame in clip] == [30, 31]
+    finally:
+        decoder.close()

@@ -23,6 +23,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -34,6 +35,7 @@ from tiny_run import EPOCHS, tiny_config
 from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
+from jlstm.cli import main as jlstm_main
 from orchestration import registry
 from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, validate_config
@@ -150,6 +152,30 @@ def test_predict_agrees_with_the_registered_model(
     assert row.error == "", row.error
     assert [name for _, name in ranked] == [t["label"] for t in row.top_k]
     assert probs == pytest.approx([t["score"] for t in row.top_k], abs=1e-3)
+
+
+def test_predict_over_the_folder_agrees_with_the_evaluation(
+    trained: tuple[JlstmConfig, SplitResult], dataset: Path, sqlite_tracking: str,
+    tmp_path: Path,
+) -> None:
+    """`jlstm predict` over the dataset's folder (Ray Data, the Parquet output) names every
+    test video as the run's evaluation did (its `evaluation/video_predictions.parquet`):
+    one pipeline, so the same label, clip count and score."""
+    _, result = trained
+    logged = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="evaluation/video_predictions.parquet",
+        dst_path=str(tmp_path), tracking_uri=sqlite_tracking,
+    )
+    evaluated = {row["video"]: row for row in pq.read_table(logged).to_pylist()}
+    assert evaluated and all(row["error"] == "" for row in evaluated.values())
+    out = tmp_path / "predicted"
+    uri = f"models:/{registry.registered_model_name('ucf101')}/{result.model_version}"
+    assert jlstm_main(["predict", str(dataset), "--model", uri, "--out", str(out)]) == 0
+    predicted = {row["video"]: row for row in pq.read_table(out).to_pylist()}
+    for video, row in evaluated.items():
+        assert predicted[video]["label"] == row["label"], video
+        assert predicted[video]["num_clips"] == row["num_clips"], video
+        assert predicted[video]["score"] == pytest.approx(row["score"], abs=1e-5), video
 
 
 def test_predict_names_the_right_class_after_a_short_training(
