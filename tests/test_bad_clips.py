@@ -82,7 +82,7 @@ def test_a_video_that_hangs_the_decoder_is_a_timeout_and_the_run_ends_in_time(
         tmp_path / "videos", tmp_path / "ray", "normal",
         data={"decode_timeout_s": HANG_TIMEOUT_S, "max_bad_fraction": 0.5},
     )
-    client = MlflowClient()
+    client = MlflowClient(sqlite_tracking)  # not the global URI an earlier module may have left
     started = time.monotonic()
     normal_run = train_split(validate_config(raw))
     normal = time.monotonic() - started
