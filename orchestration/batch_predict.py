@@ -277,9 +277,9 @@ def decode_videos(
 
 
 # This worker process's decoder and the run it serves. A Ray worker outlives a run, and a
-# decoder's child keeps readers open by path and remembers paths that hung: a file replaced
-# since an earlier run would be read as it was. So each run starts its own child (one start,
-# about 0.3 s, per worker and run).
+# decoder remembers the files that hung for as long as it lives: a stalled mount may have
+# recovered by the next run, which deserves a fresh try. So each run starts its own child
+# (one start, about 0.2 s, per worker and run).
 _decoder: tuple[str, BoundedDecoder] | None = None
 
 
