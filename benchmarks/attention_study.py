@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import torch
 from machine import load_average, machine_info
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.datasets import clip_readers, subset_clips
 from data_shards.manifest import load_manifest
 from data_shards.splits import class_names
@@ -88,7 +89,7 @@ def train_setting(cfg: JlstmConfig, overrides: dict[str, Any], epochs: int) -> d
     manifest = load_manifest(cfg.data)
     names = class_names(cfg.data.manifest_path())
     model_cfg = cfg.resolve_model(len(names)).model_copy(update=overrides)
-    readers = clip_readers(cfg.data, model_cfg)
+    readers = clip_readers(cfg.data, ClipSpec.of(model_cfg))
     train = subset_clips(manifest, "train", model_cfg.clip_len, cfg.data.train_stride,
                          cfg.data.frame_interval)
     test = subset_clips(manifest, "test", model_cfg.clip_len,
@@ -153,7 +154,8 @@ def localization_at_init(cfg: JlstmConfig, seeds: int, clips: int) -> dict[str, 
     model_cfg = cfg.resolve_model(len(class_names(cfg.data.manifest_path())))
     test = subset_clips(manifest, "test", model_cfg.clip_len,
                         cfg.data.eval_stride_for(model_cfg.clip_len), cfg.data.frame_interval)
-    rows = next(batches(test.slice(0, clips), clip_readers(cfg.data, model_cfg)["val"], clips))
+    read = clip_readers(cfg.data, ClipSpec.of(model_cfg))["val"]
+    rows = next(batches(test.slice(0, clips), read, clips))
     batch = to_batch(rows, torch.device("cpu"))
     targets = target_reader(cfg.data.root, manifest.filter(pc.equal(manifest["subset"], "test")),
                             model_cfg.map_size, model_cfg.clip_len, cfg.data.frame_interval)

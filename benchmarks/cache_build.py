@@ -52,6 +52,7 @@ from gpu_step import PAPER_CONFIG, REDUCED, mfu_note, peak_bf16_tflops, sync
 from machine import load_average, machine_info, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.cluster import RAY_NODE_ENV
 from data_shards.features import (
     FORWARD_CHUNK,
@@ -185,8 +186,9 @@ def time_vgg(model_cfg: ModelConfig, device: torch.device, frames: int,
     s = model_cfg.frame_size
     host = rng.integers(0, 256, (frames, s, s, 3), dtype=np.uint8)
     # _taps decodes and writes nothing
-    writer = _TapWriter(model_cfg, "unused", device.type, "float16", decode_timeout_s=None)
-    backbone = cache_backbone(model_cfg).to(device)
+    clip_spec = ClipSpec.of(model_cfg)
+    writer = _TapWriter(clip_spec, "unused", device.type, "float16", decode_timeout_s=None)
+    backbone = cache_backbone(clip_spec).to(device)
     normalized = normalize_frames(torch.from_numpy(host).to(device)[None])[0]
 
     def forward(x: torch.Tensor, bf16: bool) -> None:
@@ -266,12 +268,12 @@ def main() -> None:
         video_frame_size = model_cfg.frame_size * 3 // 4
         reused, synth_s = prepare_data(cfg, sizes, video_frame_size)
         manifest = load_manifest(cfg.data)
-        work = _work_table(cfg.data, model_cfg, manifest).to_pylist()
+        work = _work_table(cfg.data, ClipSpec.of(model_cfg), manifest).to_pylist()
         # The build's work first, on a GPU of its own: nothing here touches CUDA before it.
         pool = feature_pool(live_nodes())
         cpu_start, built = cpu_seconds(), time.perf_counter()
         with GpuBusy() as busy:
-            info = build_feature_cache(cfg.data, model_cfg, rebuild=True, **pool)
+            info = build_feature_cache(cfg.data, ClipSpec.of(model_cfg), rebuild=True, **pool)
         build_s = time.perf_counter() - built
         build_cpus = (cpu_seconds() - cpu_start) / build_s
         index = pq.read_table(info.cache_dir / INDEX_FILE).to_pydict()

@@ -114,12 +114,10 @@ def main() -> None:
             frame_size=base.model["frame_size"] * 4 // 3, num_frames=args.num_frames,
         )
         ensure_index(base.data)
-        cache_cfg = base.resolve_model(num_classes=args.classes).model_copy(
-            update={"taps": list(CACHE_TAPS)}
-        )
+        cache_spec = base.clip_spec(num_classes=args.classes).with_taps(CACHE_TAPS)
         for dtype, cfg in configs.items():
             built = time.time()
-            info = build_feature_cache(cfg.data, cache_cfg)
+            info = build_feature_cache(cfg.data, cache_spec)
             caches[dtype] = {"bytes": info.total_bytes, "failed_videos": info.num_failed,
                              "build_s": round(time.time() - built, 1)}
         errors = tap_errors(workdir / "float16", workdir / "uint8")

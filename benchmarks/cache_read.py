@@ -51,6 +51,7 @@ import torch
 import xxhash
 from machine import load_average, machine_info, write_json
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.cluster import RAY_NODE_ENV
 from data_shards.config import DataConfig
 from data_shards.datasets import ClipReader, build_datasets, clip_readers, iter_clip_batches
@@ -203,10 +204,10 @@ def main() -> None:
                 root, classes=2, videos_per_class=args.videos // 2,
                 frame_size=args.frame_size, num_frames=args.num_frames,
             )
-        model_cfg = ModelConfig(
+        clip_spec = ClipSpec.of(ModelConfig(
             num_classes=2, frame_size=args.frame_size, clip_len=args.clip_len, last_steps=2,
             taps=taps, map_size=args.map_size,
-        )
+        ))
         data_cfg = DataConfig(
             dataset="ucf101", root=str(root), train_stride=args.clip_len // 2,
             decode_cpus=args.cpus, decode_batch_size=args.decode_batch_size,
@@ -215,20 +216,20 @@ def main() -> None:
         if not data_cfg.manifest_path().is_file():
             index_videos(data_cfg, show_progress=False)
         built = time.perf_counter()
-        info = build_feature_cache(data_cfg, model_cfg)
+        info = build_feature_cache(data_cfg, clip_spec)
         build_s = time.perf_counter() - built
         files = sorted(p for p in Path(data_cfg.feature_cache).glob("video_*.npy"))
         assert len(files) == info.num_videos - info.num_failed
         plain_read(files)  # into the page cache
         # One epoch untimed: the first run's first stream (the verified one) would carry the
         # process's first use of the read path and of the Ray workers.
-        warm = build_datasets(data_cfg, model_cfg)["train"]
-        stream(warm, clip_readers(data_cfg, model_cfg)["train"], args.batch, taps, 1)
+        warm = build_datasets(data_cfg, clip_spec)["train"]
+        stream(warm, clip_readers(data_cfg, clip_spec)["train"], args.batch, taps, 1)
         runs: list[dict[str, Any]] = []
         for run in range(args.runs):
             plain = plain_read(files)
-            train = build_datasets(data_cfg, model_cfg)["train"]
-            read = clip_readers(data_cfg, model_cfg)["train"]
+            train = build_datasets(data_cfg, clip_spec)["train"]
+            read = clip_readers(data_cfg, clip_spec)["train"]
             # In turn first and second, so that a drift of the machine's load is no bias.
             if run % 2 == 0:
                 verified = verified_stream(train, read, args.batch, taps, args.epochs)

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import ray
 from machine import load_average
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.clips import clip_table, frame_indices
 from data_shards.cluster import RAY_NODE_ENV
 from data_shards.config import DataConfig
@@ -45,26 +46,26 @@ from model.decode_process import open_video
 BATCH = 32  # clips per batch a training worker asks for
 
 
-def plain_loop(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict[str, float]:
+def plain_loop(data_cfg: DataConfig, clip_spec: ClipSpec) -> dict[str, float]:
     """Decode the evaluation clips in one process, each video opened once, in order."""
     manifest = load_manifest(data_cfg)
-    stride = data_cfg.eval_stride_for(model_cfg.clip_len)
-    clips = clip_table(manifest, model_cfg.clip_len, stride).to_pylist()
+    stride = data_cfg.eval_stride_for(clip_spec.clip_len)
+    clips = clip_table(manifest, clip_spec.clip_len, stride).to_pylist()
     started, cpu_started = time.perf_counter(), time.process_time()
     reader, current = None, None
     for row in clips:
         if row["video_path"] != current:
             current = row["video_path"]
-            reader = open_video(video_file(data_cfg.root, current), model_cfg.frame_size)
+            reader = open_video(video_file(data_cfg.root, current), clip_spec.frame_size)
         reader.get_batch(
-            frame_indices(row["clip_start"], row["num_frames"], model_cfg.clip_len)
+            frame_indices(row["clip_start"], row["num_frames"], clip_spec.clip_len)
         ).asnumpy()
     # decord may decode on more threads than one: the CPU it used, not only the wall time.
     return {"clips": len(clips), "seconds": time.perf_counter() - started,
             "cpu_seconds": time.process_time() - cpu_started}
 
 
-def pipeline(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict[str, float]:
+def pipeline(data_cfg: DataConfig, clip_spec: ClipSpec) -> dict[str, float]:
     """Iterate the "val" dataset in batches of BATCH clips, as a training worker does
     (cached taps read by this consumer, `iter_clip_batches`).
 
@@ -72,8 +73,8 @@ def pipeline(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict[str, float]:
     epoch, not throughput) is reported as first_batch_s.
     """
     batches = iter_clip_batches(
-        build_datasets(data_cfg, model_cfg)["val"], BATCH,
-        clip_readers(data_cfg, model_cfg)["val"],
+        build_datasets(data_cfg, clip_spec)["val"], BATCH,
+        clip_readers(data_cfg, clip_spec)["val"],
     )
     started = time.perf_counter()
     next(batches)
@@ -130,33 +131,33 @@ def main() -> None:
             decode_batch_size=args.decode_batch_size,
             feature_cache=str(Path(tmp) / "features"),
         )
-        model_cfg = ModelConfig(
+        clip_spec = ClipSpec.of(ModelConfig(
             num_classes=4,
             frame_size=args.frame_size,
             clip_len=args.clip_len,
             last_steps=args.clip_len // 2,
             map_size=args.frame_size // 16,
-        )
+        ))
         index_videos(data_cfg, show_progress=False)
         # Keep only the test videos: the cache then runs VGG16 on the frames measured alone.
         table = load_manifest(data_cfg)
         pq.write_table(table.filter(pc.equal(table["subset"], "test")), manifest)
 
-        plain = best_of(args.runs, plain_loop, data_cfg, model_cfg)
+        plain = best_of(args.runs, plain_loop, data_cfg, clip_spec)
         in_process_cfg = data_cfg.model_copy(update={"decode_timeout_s": None})
         # Alternated, so a change in the machine's load hits both alike.
         decodes: dict[str, list[dict[str, float]]] = {"bounded": [], "in_process": []}
         for _ in range(args.runs):
-            decodes["bounded"].append(best_of(1, pipeline, data_cfg, model_cfg))
-            decodes["in_process"].append(best_of(1, pipeline, in_process_cfg, model_cfg))
+            decodes["bounded"].append(best_of(1, pipeline, data_cfg, clip_spec))
+            decodes["in_process"].append(best_of(1, pipeline, in_process_cfg, clip_spec))
         decode, in_process = (max(decodes[k], key=lambda r: r["clips_per_s"])
                               for k in ("bounded", "in_process"))
         if args.cache:
             started = time.perf_counter()
-            info = build_feature_cache(data_cfg, model_cfg)
+            info = build_feature_cache(data_cfg, clip_spec)
             build_s = time.perf_counter() - started
             cached_cfg = data_cfg.model_copy(update={"use_feature_cache": True})
-            cache = best_of(args.runs, pipeline, cached_cfg, model_cfg)
+            cache = best_of(args.runs, pipeline, cached_cfg, clip_spec)
 
     result = {
         "setup": {
@@ -174,8 +175,8 @@ def main() -> None:
             "machine_cpus": os.cpu_count(),
             "python": platform.python_version(),
             "ray": ray.__version__,
-            "taps": list(model_cfg.taps),
-            "map_size": model_cfg.map_size,
+            "taps": list(clip_spec.taps),
+            "map_size": clip_spec.map_size,
         },
         "plain_clips_per_s": round(plain["clips_per_s"], 1),
         "plain_cpus_used": round(plain["cpu_seconds"] / plain["seconds"], 2),

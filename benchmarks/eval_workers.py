@@ -28,6 +28,7 @@ from typing import Any
 import ray
 from machine import load_average, machine_info
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.cluster import init_ray
 from data_shards.features import build_feature_cache
 from data_shards.index import ensure_index
@@ -52,7 +53,7 @@ def prepare(workdir: Path, videos_per_class: int) -> JlstmConfig:
         seed=cfg.data.seed, frame_size=cfg.model["frame_size"] * 4 // 3,
     )
     manifest = ensure_index(cfg.data)
-    build_feature_cache(cfg.data, cfg.resolve_model(len(class_names(manifest))))
+    build_feature_cache(cfg.data, cfg.clip_spec(len(class_names(manifest))))
     return cfg
 
 
@@ -97,7 +98,7 @@ def main() -> None:
         cfg = prepare(Path(tmp), args.videos_per_class)
         names = class_names(cfg.data.manifest_path())
         net = JointAttentionNet(cfg.resolve_model(len(names)))
-        test_clips = data_size(cfg.data, net.cfg).test_clips
+        test_clips = data_size(cfg.data, ClipSpec.of(net.cfg)).test_clips
         runs: dict[int, list[dict[str, Any]]] = {w: [] for w in counts}
         for round_ in range(args.rounds):
             for workers in counts:

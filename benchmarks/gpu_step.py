@@ -362,6 +362,7 @@ def prepare_pipeline(
     args: argparse.Namespace,
 ) -> tuple[dict[str, Source], dict[str, Any]]:
     """Synthesize and index a dataset big enough for the steps, build the feature cache."""
+    from data_shards.clip_spec import ClipSpec
     from data_shards.clips import clip_starts
     from data_shards.datasets import build_datasets, clip_readers, subset_clips
     from data_shards.features import build_feature_cache
@@ -387,7 +388,7 @@ def prepare_pipeline(
     synth_s = time.time() - started
     started = time.time()
     if "cached_taps" in modes:
-        build_feature_cache(data_cfg, model_cfg)
+        build_feature_cache(data_cfg, ClipSpec.of(model_cfg))
     cache_s = time.time() - started
     manifest = load_manifest(data_cfg)
     train_clips = subset_clips(
@@ -398,8 +399,8 @@ def prepare_pipeline(
         "finetune_frames": data_cfg.model_copy(update={"use_feature_cache": False}),
     }
     datasets = {
-        m: (build_datasets(data_cfgs[m], model_cfgs[m])["train"],
-            clip_readers(data_cfgs[m], model_cfgs[m])["train"])
+        m: (build_datasets(data_cfgs[m], ClipSpec.of(model_cfgs[m]))["train"],
+            clip_readers(data_cfgs[m], ClipSpec.of(model_cfgs[m]))["train"])
         for m in modes
     }
     setup = {

@@ -137,6 +137,7 @@ def measure(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Index, cache and one epoch each way of the dataset at `root`, on a fresh local Ray."""
     import ray
 
+    from data_shards.clip_spec import ClipSpec
     from data_shards.cluster import RAY_NODE_ENV
     from data_shards.config import DataConfig
     from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches
@@ -161,20 +162,20 @@ def measure(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         feature_cache=str(work / "features"),
         use_feature_cache=True,
     )
-    model_cfg = ModelConfig(
+    clip_spec = ClipSpec.of(ModelConfig(
         num_classes=101,
         frame_size=args.frame_size,
         clip_len=args.clip_len,
         last_steps=args.clip_len,
         taps=["conv4_3"],
         map_size=args.map_size,
-    )
+    ))
     data_cfg.manifest_path().unlink(missing_ok=True)  # probe every video, reuse nothing
 
     def epoch(cfg: DataConfig) -> dict[str, int]:
         clips = bad = 0
-        train = build_datasets(cfg, model_cfg)["train"]
-        read = clip_readers(cfg, model_cfg)["train"]  # cached taps: read by the consumer
+        train = build_datasets(cfg, clip_spec)["train"]
+        read = clip_readers(cfg, clip_spec)["train"]  # cached taps: read by the consumer
         for batch in iter_clip_batches(train, args.batch, read):
             clips += len(batch["ok"])
             bad += int((~batch["ok"]).sum())
@@ -183,7 +184,7 @@ def measure(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     actions = {
         "index": lambda: index_videos(data_cfg, show_progress=False).summary().splitlines()[0],
         "cache": lambda: vars(
-            build_feature_cache(data_cfg, model_cfg, actors=args.cpus, rebuild=True)
+            build_feature_cache(data_cfg, clip_spec, actors=args.cpus, rebuild=True)
         ),
         "epoch_cached": lambda: epoch(data_cfg),
         "epoch_decode": lambda: epoch(data_cfg.model_copy(update={"use_feature_cache": False})),

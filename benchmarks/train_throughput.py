@@ -47,6 +47,7 @@ import torch
 from epoch_clock import EpochClock
 from machine import load_average, machine_info
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.cluster import init_ray
 from data_shards.datasets import iter_clip_batches, subset_clips
 from data_shards.features import build_feature_cache
@@ -289,7 +290,7 @@ def prepare_workdir(base: JlstmConfig, args: argparse.Namespace) -> dict[str, An
     synth_s = time.time() - started
     model_cfg = base.resolve_model(num_classes=args.classes)
     started = time.time()
-    build_feature_cache(base.data, model_cfg)
+    build_feature_cache(base.data, ClipSpec.of(model_cfg))
     cache_s = time.time() - started
     clip_len, interval = model_cfg.clip_len, base.data.frame_interval
     train = subset_clips(table, "train", clip_len, base.data.train_stride, interval)

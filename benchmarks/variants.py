@@ -127,11 +127,9 @@ def main() -> None:
         )
         ensure_index(base.data)
         manifest = load_manifest(base.data)
-        cache_cfg = base.resolve_model(num_classes=args.classes).model_copy(
-            update={"taps": list(CACHE_TAPS)}
-        )
+        cache_spec = base.clip_spec(num_classes=args.classes).with_taps(CACHE_TAPS)
         cache_started = time.time()
-        build_feature_cache(base.data, cache_cfg)
+        build_feature_cache(base.data, cache_spec)
         cache_s = time.time() - cache_started
         results = {}
         for variant in variants:

@@ -36,7 +36,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +43,7 @@ import pyarrow.compute as pc
 import ray
 from ray.data import RandomSeedConfig
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.clips import clip_table
 from data_shards.config import DataConfig
 from data_shards.decode import decode_batch
@@ -59,10 +59,10 @@ def subset_clips(
     return clip_table(videos, clip_len, stride, frame_interval)
 
 
-def train_clip_table(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> pa.Table:
+def train_clip_table(data_cfg: DataConfig, clip_spec: ClipSpec, manifest: pa.Table) -> pa.Table:
     """The training clips of an epoch (`train.batch_size` of them a step, any world size)."""
     return subset_clips(
-        manifest, "train", model_cfg.clip_len, data_cfg.train_stride, data_cfg.frame_interval
+        manifest, "train", clip_spec.clip_len, data_cfg.train_stride, data_cfg.frame_interval
     )
 
 
@@ -98,7 +98,7 @@ def eval_blocks(clips: pa.Table, rows_per_block: int, workers: int) -> list[pa.T
 
 
 def _decoded(
-    data_cfg: DataConfig, model_cfg, clips: ray.data.Dataset, batch_size: int | None
+    data_cfg: DataConfig, clip_spec: ClipSpec, clips: ray.data.Dataset, batch_size: int | None
 ) -> ray.data.Dataset:
     """clip rows in blocks of at most `decode_batch_size` rows -> rows with decoded frames
     (module docstring). `batch_size=None`: one decode task per block, never two blocks
@@ -106,9 +106,9 @@ def _decoded(
     return clips.map_batches(
         decode_batch,
         fn_kwargs={
-            "clip_len": model_cfg.clip_len,
+            "clip_len": clip_spec.clip_len,
             "frame_interval": data_cfg.frame_interval,
-            "frame_size": model_cfg.frame_size,
+            "frame_size": clip_spec.frame_size,
             # The manifest's paths are relative to data.root: each task opens them there.
             "root": os.path.abspath(data_cfg.root),
             "timeout_s": data_cfg.decode_timeout_s,
@@ -121,7 +121,7 @@ def _decoded(
 
 def build_datasets(
     data_cfg: DataConfig,
-    model_cfg,
+    clip_spec: ClipSpec,
     *,
     epoch_seed: int | None = None,
     eval_workers: int = 1,
@@ -132,17 +132,17 @@ def build_datasets(
     Rows: label, video_id, clip_start (int64), num_frames; decoded (no feature cache): ok
     (bool), error (str) and frames (uint8 [T, S, S, 3]). With use_feature_cache the taps
     are read by the consumer: iterate with `iter_clip_batches(ds, n, clip_readers(...)[name])`
-    to get taps_<name> per tap of `model_cfg.taps`, ok and error. Failed clips are rows with
+    to get taps_<name> per tap of `clip_spec.taps`, ok and error. Failed clips are rows with
     ok=False, never exceptions. `val` comes in enough blocks for each of `eval_workers`
     workers to score some (`eval_blocks`). From `run_data` (read and checked once), else
     read here: BadDataError past max_bad_fraction, StaleCacheError for a cache that does
     not match the configs.
     """
     if run_data is None:
-        run_data = load_run_data(data_cfg, lambda num_classes: model_cfg)
+        run_data = load_run_data(data_cfg, lambda num_classes: clip_spec)
     manifest = run_data.manifest
-    clip_len, interval = model_cfg.clip_len, data_cfg.frame_interval
-    train_clips = train_clip_table(data_cfg, model_cfg, manifest)
+    clip_len, interval = clip_spec.clip_len, data_cfg.frame_interval
+    train_clips = train_clip_table(data_cfg, clip_spec, manifest)
     val_clips = subset_clips(
         manifest, "test", clip_len, data_cfg.eval_stride_for(clip_len), interval
     )
@@ -151,7 +151,7 @@ def build_datasets(
     )
     val = ray.data.from_arrow(eval_blocks(val_clips, data_cfg.decode_batch_size, eval_workers))
     if data_cfg.use_feature_cache and data_cfg.cache_read == "stage":
-        reads = _cache_readers(data_cfg, model_cfg, run_data.cache_key)
+        reads = _cache_readers(data_cfg, clip_spec, run_data.cache_key)
         train = train.map_batches(
             reads["train"], batch_size=data_cfg.decode_batch_size, batch_format="numpy",
             num_cpus=data_cfg.decode_cpus,
@@ -162,17 +162,17 @@ def build_datasets(
         )
     if not data_cfg.use_feature_cache:
         train = train.repartition(target_num_rows_per_block=data_cfg.decode_batch_size)
-        train = _decoded(data_cfg, model_cfg, train, data_cfg.decode_batch_size)
+        train = _decoded(data_cfg, clip_spec, train, data_cfg.decode_batch_size)
         # A batch size would bundle blocks up to that many rows into one task, and so into
         # one output block: 8 one-clip test blocks became one, which one worker scored.
-        val = _decoded(data_cfg, model_cfg, val, None)
+        val = _decoded(data_cfg, clip_spec, val, None)
     for ds in (train, val):
         ds.context.execution_options.preserve_order = True
     return {"train": train, "val": val}
 
 
 def clip_readers(
-    data_cfg: DataConfig, model_cfg, cache_key: dict | None = None
+    data_cfg: DataConfig, clip_spec: ClipSpec, cache_key: dict | None = None
 ) -> dict[str, ClipReader | None]:
     """Per dataset of `build_datasets`, what its consumer applies to each batch: reading
     the cached taps (with the cache's taps, dtype and the subset's clip grid), or None
@@ -180,31 +180,35 @@ def clip_readers(
     `cache_key`: the cache's key as checked (`RunData.cache_key`), else read."""
     if not data_cfg.use_feature_cache or data_cfg.cache_read == "stage":
         return {"train": None, "val": None}
-    return _cache_readers(data_cfg, model_cfg, cache_key)
+    return _cache_readers(data_cfg, clip_spec, cache_key)
 
 
 def _cache_readers(
-    data_cfg: DataConfig, model_cfg, cache_key: dict | None
+    data_cfg: DataConfig, clip_spec: ClipSpec, cache_key: dict | None
 ) -> dict[str, ClipReader]:
     """The reads of the cached taps of each dataset's clips (`read_cached_batch`)."""
     common = {
         "cache_dir": data_cfg.feature_cache,
         "cache_taps": cached_taps(data_cfg, cache_key),
-        "taps": list(model_cfg.taps),
-        "map_size": model_cfg.map_size,
-        "clip_len": model_cfg.clip_len,
+        "taps": list(clip_spec.taps),
+        "map_size": clip_spec.map_size,
+        "clip_len": clip_spec.clip_len,
         "frame_interval": data_cfg.frame_interval,
         "dtype": data_cfg.cache_dtype,
     }
     strides = {
-        "train": data_cfg.train_stride, "val": data_cfg.eval_stride_for(model_cfg.clip_len),
+        "train": data_cfg.train_stride, "val": data_cfg.eval_stride_for(clip_spec.clip_len),
     }
     return {name: partial(read_cached_batch, stride=stride, **common)
             for name, stride in strides.items()}
 
 
 def iter_clip_batches(
-    source: Any, batch_size: int, read: ClipReader | None, *, prefetch: int = 2,
+    source: ray.data.Dataset | ray.data.DataIterator,
+    batch_size: int,
+    read: ClipReader | None,
+    *,
+    prefetch: int = 2,
     drop_last: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Numpy batches of `source` (a Dataset, or a Ray Train worker's shard of one), each

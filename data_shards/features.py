@@ -43,6 +43,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -51,11 +52,15 @@ import pyarrow.parquet as pq
 import ray
 import xxhash
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.clips import frame_indices, needed_frames
 from data_shards.config import TAP_PREFIX, TAP_SCALE_PREFIX, DataConfig
 from data_shards.errors import BadDataError, StaleCacheError
 from data_shards.manifest import check_videos_present, load_manifest, video_file
 from model.decode_process import BoundedDecoder, VideoError, one_line, open_video
+
+if TYPE_CHECKING:  # torch loads only where a backbone runs
+    from model import VGG16Taps
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +97,7 @@ class CacheInfo:
     first_error: str = ""  # of the first video that failed ("" when none did)
 
 
-def cache_backbone(model_cfg):
+def cache_backbone(clip_spec: ClipSpec) -> VGG16Taps:
     """The frozen VGG16Taps the cache runs: eval mode, seeded when randomly initialized."""
     import torch
 
@@ -100,7 +105,7 @@ def cache_backbone(model_cfg):
 
     with torch.random.fork_rng():
         torch.manual_seed(RANDOM_INIT_SEED)
-        backbone = VGG16Taps(model_cfg.taps, model_cfg.map_size, model_cfg.backbone_weights)
+        backbone = VGG16Taps(clip_spec.taps, clip_spec.map_size, clip_spec.backbone_weights)
     return backbone.eval().requires_grad_(False)
 
 
@@ -113,24 +118,26 @@ def manifest_digest(manifest: pa.Table) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-def cache_key(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> dict:
+def cache_key(data_cfg: DataConfig, clip_spec: ClipSpec, manifest: pa.Table) -> dict:
     """Everything that changes the cache's content; a cache is used only if this matches."""
     return {
         "format": CACHE_FORMAT,
         "dtype": data_cfg.cache_dtype,
-        "backbone_weights_digest": cache_backbone(model_cfg).weights_digest(),
-        "frame_size": model_cfg.frame_size,
-        "taps": list(model_cfg.taps),
-        "map_size": model_cfg.map_size,
-        "clip_len": model_cfg.clip_len,
+        "backbone_weights_digest": cache_backbone(clip_spec).weights_digest(),
+        "frame_size": clip_spec.frame_size,
+        "taps": list(clip_spec.taps),  # a JSON list, as every key written so far
+        "map_size": clip_spec.map_size,
+        "clip_len": clip_spec.clip_len,
         "train_stride": data_cfg.train_stride,
-        "eval_stride": data_cfg.eval_stride_for(model_cfg.clip_len),
+        "eval_stride": data_cfg.eval_stride_for(clip_spec.clip_len),
         "frame_interval": data_cfg.frame_interval,
         "manifest_digest": manifest_digest(manifest),
     }
 
 
-def check_cache(data_cfg: DataConfig, model_cfg, manifest: pa.Table | None = None) -> dict:
+def check_cache(
+    data_cfg: DataConfig, clip_spec: ClipSpec, manifest: pa.Table | None = None
+) -> dict:
     """The cache's key, if it matches the configs; else StaleCacheError naming what differs."""
     key_path = Path(str(data_cfg.feature_cache)) / KEY_FILE
     if not key_path.is_file():
@@ -140,12 +147,12 @@ def check_cache(data_cfg: DataConfig, model_cfg, manifest: pa.Table | None = Non
         )
     found = json.loads(key_path.read_text())
     cached_taps = list(found.get("taps", []))
-    if set(model_cfg.taps) < set(cached_taps):
+    if set(clip_spec.taps) < set(cached_taps):
         # A cache of more taps serves any subset (a sweep over branches builds one cache):
         # a tap depends only on the VGG16 layers before it, which the deeper backbone of the
         # cache shares, so the key is compared as if the config asked for the cache's taps.
-        model_cfg = model_cfg.model_copy(update={"taps": cached_taps})
-    wanted = cache_key(data_cfg, model_cfg, manifest or load_manifest(data_cfg))
+        clip_spec = clip_spec.with_taps(cached_taps)
+    wanted = cache_key(data_cfg, clip_spec, manifest or load_manifest(data_cfg))
     differ = [k for k in sorted(set(found) | set(wanted)) if found.get(k) != wanted.get(k)]
     if differ:
         details = "; ".join(
@@ -187,10 +194,10 @@ def quantize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return stored, scale
 
 
-def _work_table(data_cfg: DataConfig, model_cfg, manifest: pa.Table) -> pa.Table:
+def _work_table(data_cfg: DataConfig, clip_spec: ClipSpec, manifest: pa.Table) -> pa.Table:
     """One row per video: its file (joined with `data.root` here, so the actors open what the
     driver sees) and the sorted frames its clips need (train or eval grid)."""
-    clip_len, interval = model_cfg.clip_len, data_cfg.frame_interval
+    clip_len, interval = clip_spec.clip_len, data_cfg.frame_interval
     strides = {"train": data_cfg.train_stride, "test": data_cfg.eval_stride_for(clip_len)}
     frames = [
         needed_frames(n, clip_len, strides[subset], interval)
@@ -215,15 +222,20 @@ class _TapWriter:
     """
 
     def __init__(
-        self, model_cfg, cache_dir: str, device: str, dtype: str, decode_timeout_s: float | None
+        self,
+        clip_spec: ClipSpec,
+        cache_dir: str,
+        device: str,
+        dtype: str,
+        decode_timeout_s: float | None,
     ) -> None:
-        self.model_cfg = model_cfg
+        self.clip_spec = clip_spec
         self.cache_dir = cache_dir
         self.device = device
         self.dtype = dtype
         self.decode_timeout_s = decode_timeout_s
         self.decoder = BoundedDecoder(decode_timeout_s) if decode_timeout_s else None
-        self.backbone = cache_backbone(model_cfg).to(device)
+        self.backbone = cache_backbone(clip_spec).to(device)
 
     def _taps(self, frames: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 [F, S, S, 3] -> {tap: float16 [F, 512, K, K]}, FORWARD_CHUNK frames a pass."""
@@ -231,7 +243,7 @@ class _TapWriter:
 
         from model import normalize_frames
 
-        chunks: dict[str, list[np.ndarray]] = {tap: [] for tap in self.model_cfg.taps}
+        chunks: dict[str, list[np.ndarray]] = {tap: [] for tap in self.clip_spec.taps}
         with torch.inference_mode():
             for lo in range(0, len(frames), FORWARD_CHUNK):
                 x = torch.from_numpy(frames[lo : lo + FORWARD_CHUNK])[None].to(self.device)
@@ -243,14 +255,14 @@ class _TapWriter:
     def _write(self, video_id: int, path: str, wanted: list[int]) -> tuple[int, int, int]:
         """Write one video's array file (and scale file); returns their size in bytes, the
         array file's checksum and the scale file's (0 when there is none)."""
-        size = self.model_cfg.frame_size
+        size = self.clip_spec.frame_size
         if self.decoder is None:  # data.decode_timeout_s: null
             frames = open_video(path, size).get_batch(wanted).asnumpy()
         else:
             frames = self.decoder.read(path, size, [wanted])[0]
         taps = self._taps(frames)
         # Uncompressed: fp16 activations barely compress, and reads then cost a copy only.
-        values = np.stack([taps[tap] for tap in self.model_cfg.taps])
+        values = np.stack([taps[tap] for tap in self.clip_spec.taps])
         size = scale_checksum = 0
         if self.dtype == "uint8":
             values, scale = quantize(values)
@@ -331,7 +343,7 @@ def _info(cache_dir: Path, index: pa.Table, key: dict) -> CacheInfo:
 
 def build_feature_cache(
     data_cfg: DataConfig,
-    model_cfg,
+    clip_spec: ClipSpec,
     *,
     actors: int = 1,
     use_gpu: bool = False,
@@ -353,10 +365,10 @@ def build_feature_cache(
         raise ValueError("feature_cache = None: set data.feature_cache to a directory")
     cache_dir = Path(data_cfg.feature_cache)
     manifest = load_manifest(data_cfg)
-    key = cache_key(data_cfg, model_cfg, manifest)
+    key = cache_key(data_cfg, clip_spec, manifest)
     if not rebuild and (cache_dir / KEY_FILE).is_file():
         try:
-            found = check_cache(data_cfg, model_cfg, manifest)
+            found = check_cache(data_cfg, clip_spec, manifest)
             return _info(cache_dir, pq.read_table(cache_dir / INDEX_FILE), found)
         except StaleCacheError:
             pass
@@ -364,12 +376,12 @@ def build_feature_cache(
     cache_dir.mkdir(parents=True, exist_ok=True)
     _clear(cache_dir)
     written = (
-        ray.data.from_arrow(_work_table(data_cfg, model_cfg, manifest))
+        ray.data.from_arrow(_work_table(data_cfg, clip_spec, manifest))
         .repartition(target_num_rows_per_block=VIDEOS_PER_CALL)
         .map_batches(
             _TapWriter,
             fn_constructor_kwargs={
-                "model_cfg": model_cfg,
+                "clip_spec": clip_spec,
                 "cache_dir": str(cache_dir),
                 "device": "cuda" if use_gpu else "cpu",
                 "dtype": data_cfg.cache_dtype,

@@ -8,6 +8,7 @@ datasets, the MLflow inputs and the attention examples take the `RunData` it ret
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.config import DataConfig
 from data_shards.features import check_cache
 from data_shards.manifest import (
@@ -51,11 +53,15 @@ class RunData:
         return self.subset("test").num_rows
 
 
-def load_run_data(data_cfg: DataConfig, model_cfg_for: Any = None) -> RunData:
+def load_run_data(
+    data_cfg: DataConfig, clip_spec_for: Callable[[int], ClipSpec] | None = None
+) -> RunData:
     """Read the manifest and quarantine of `data_cfg` once and check them: BadDataError
     past `max_bad_fraction`; decoding (no feature cache), MissingVideosError when videos
-    are not under `data.root`. With the feature cache on and `model_cfg_for` (num_classes ->
-    the model config), the cache's key is checked too (StaleCacheError)."""
+    are not under `data.root`. With the feature cache on and `clip_spec_for` (num_classes ->
+    the model config's clip spec: the classes are known once the manifest is read, and a
+    model config is only valid with them), the cache's key is checked too
+    (StaleCacheError)."""
     manifest = load_manifest(data_cfg)
     path = data_cfg.quarantine_path()
     quarantine = (
@@ -66,8 +72,8 @@ def load_run_data(data_cfg: DataConfig, model_cfg_for: Any = None) -> RunData:
         check_videos_present(data_cfg, manifest)
     names = class_names(manifest)
     key = None
-    if data_cfg.use_feature_cache and model_cfg_for is not None:
-        key = check_cache(data_cfg, model_cfg_for(len(names)), manifest)
+    if data_cfg.use_feature_cache and clip_spec_for is not None:
+        key = check_cache(data_cfg, clip_spec_for(len(names)), manifest)
     return RunData(
         data_cfg.manifest_path(), manifest, names, dataset_digest(manifest), quarantine, key
     )

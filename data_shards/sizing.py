@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.clips import clip_starts, needed_frames
 from data_shards.config import DataConfig
 from data_shards.features import TAP_CHANNELS
@@ -41,25 +42,25 @@ class DataSize:
         return asdict(self)
 
 
-def tap_bytes_per_frame(data_cfg: DataConfig, model_cfg) -> int:
+def tap_bytes_per_frame(data_cfg: DataConfig, clip_spec: ClipSpec) -> int:
     """Bytes of one frame's cached taps: taps x 512 x K x K values of `data.cache_dtype`
     (a uint8 cache's per-video scales, 2 KB a tap, are left out)."""
-    values = len(model_cfg.taps) * TAP_CHANNELS * model_cfg.map_size**2
+    values = len(clip_spec.taps) * TAP_CHANNELS * clip_spec.map_size**2
     return values * CACHE_BYTES_PER_VALUE[data_cfg.cache_dtype]
 
 
-def bytes_per_clip(data_cfg: DataConfig, model_cfg) -> int:
+def bytes_per_clip(data_cfg: DataConfig, clip_spec: ClipSpec) -> int:
     """One clip's input as it reaches a training worker: cached taps or decoded frames."""
     if data_cfg.use_feature_cache:
-        return model_cfg.clip_len * tap_bytes_per_frame(data_cfg, model_cfg)
-    return model_cfg.clip_len * model_cfg.frame_size**2 * FRAME_BYTES_PER_PIXEL
+        return clip_spec.clip_len * tap_bytes_per_frame(data_cfg, clip_spec)
+    return clip_spec.clip_len * clip_spec.frame_size**2 * FRAME_BYTES_PER_PIXEL
 
 
-def data_size(data_cfg: DataConfig, model_cfg) -> DataSize:
-    """Clip counts and cache size of `data_cfg` for `model_cfg`'s clips and taps."""
-    clip_len, interval = model_cfg.clip_len, data_cfg.frame_interval
+def data_size(data_cfg: DataConfig, clip_spec: ClipSpec) -> DataSize:
+    """Clip counts and cache size of `data_cfg` for `clip_spec`'s clips and taps."""
+    clip_len, interval = clip_spec.clip_len, data_cfg.frame_interval
     strides = {"train": data_cfg.train_stride, "test": data_cfg.eval_stride_for(clip_len)}
-    per_clip = bytes_per_clip(data_cfg, model_cfg)
+    per_clip = bytes_per_clip(data_cfg, clip_spec)
     path = data_cfg.manifest_path()
     if path.is_file():
         manifest = pq.read_table(path, columns=["num_frames", "subset"])
@@ -92,6 +93,6 @@ def data_size(data_cfg: DataConfig, model_cfg) -> DataSize:
         test_videos=len(frames["test"]),
         train_clips=clips["train"],
         test_clips=clips["test"],
-        cache_bytes=cached_frames * tap_bytes_per_frame(data_cfg, model_cfg),
+        cache_bytes=cached_frames * tap_bytes_per_frame(data_cfg, clip_spec),
         bytes_per_clip=per_clip,
     )

@@ -126,7 +126,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     init_ray()
     manifest = ensure_index(cfg.data)
     info = build_feature_cache(
-        cfg.data, cfg.resolve_model(len(class_names(manifest))), rebuild=args.rebuild,
+        cfg.data, cfg.clip_spec(len(class_names(manifest))), rebuild=args.rebuild,
         **feature_pool(live_nodes()),
     )
     print(
@@ -148,7 +148,7 @@ def plan_report(cfg: JlstmConfig, nodes: list[NodeShape]) -> dict[str, Any]:
 
     manifest = cfg.data.manifest_path()
     num_classes = len(class_names(manifest)) if manifest.is_file() else 2
-    size = data_size(cfg.data, cfg.resolve_model(num_classes))
+    size = data_size(cfg.data, cfg.clip_spec(num_classes))
     plan = plan_resources(cfg.cluster, cfg.data.decode_cpus, nodes)
     report: dict[str, Any] = plan.to_dict()
     if plan.elastic:

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.config import DataConfig
 from model import VARIANTS, ModelConfig, model_config
 from orchestration.errors import ConfigError
@@ -179,6 +180,11 @@ class JlstmConfig(_Section):
 
     def resolve_model(self, num_classes: int) -> ModelConfig:
         return model_config(self.variant, num_classes=num_classes, **self.model)
+
+    def clip_spec(self, num_classes: int) -> ClipSpec:
+        """What the data side reads of the resolved model (`data_shards.clip_spec`); from
+        the model config of `num_classes`, so the model's checks run first, as before."""
+        return ClipSpec.of(self.resolve_model(num_classes))
 
     def resolved_run_name(self) -> str:
         return self.run_name or f"{self.data.dataset}-split{self.data.split}-{self.variant}"

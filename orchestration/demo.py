@@ -50,7 +50,7 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     manifest = ensure_index(cfg.data)
     print("[3/4] caching frozen VGG16 taps")
     build_feature_cache(
-        cfg.data, cfg.resolve_model(len(class_names(manifest))), **feature_pool(live_nodes())
+        cfg.data, cfg.clip_spec(len(class_names(manifest))), **feature_pool(live_nodes())
     )
     print("[4/4] training with Ray Train (2 DDP workers), evaluating, logging to MLflow")
     results = train_splits(cfg, [cfg.data.split])

@@ -19,6 +19,7 @@ import ray.train
 from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchTrainer
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.cluster import init_ray
 from data_shards.config import DataConfig
 from data_shards.datasets import ClipReader, build_datasets, clip_readers, train_clip_table
@@ -93,22 +94,23 @@ def load_data(cfg: JlstmConfig, *, check_cache: bool = True) -> RunData:
     """`cfg`'s data read once (indexed first when there is no manifest yet); the feature
     cache's key checked against the configs unless `check_cache` is off."""
     ensure_index(cfg.data)
-    return load_run_data(cfg.data, cfg.resolve_model if check_cache else None)
+    return load_run_data(cfg.data, cfg.clip_spec if check_cache else None)
 
 
 def prepare_data(cfg: JlstmConfig, run: RunData | None = None) -> PreparedData:
     """Build the Ray datasets of `cfg.data` from its data `run` (read here when None)."""
     run = run or load_data(cfg)
     model_cfg = cfg.resolve_model(num_classes=len(run.class_names))
+    clip_spec = ClipSpec.of(model_cfg)
     datasets = build_datasets(
-        cfg.data, model_cfg, eval_workers=cfg.cluster.num_workers, run_data=run
+        cfg.data, clip_spec, eval_workers=cfg.cluster.num_workers, run_data=run
     )
     targets = target_reader(  # evaluation measures the test videos only
         cfg.data.root, run.subset("test"), model_cfg.map_size, model_cfg.clip_len,
         cfg.data.frame_interval,
     )
-    readers = clip_readers(cfg.data, model_cfg, run.cache_key)
-    train_clips = train_clip_table(cfg.data, model_cfg, run.manifest).num_rows
+    readers = clip_readers(cfg.data, clip_spec, run.cache_key)
+    train_clips = train_clip_table(cfg.data, clip_spec, run.manifest).num_rows
     return PreparedData(run, model_cfg, datasets, readers, targets, train_clips)
 
 
@@ -246,7 +248,7 @@ def preflight(cfg: JlstmConfig, *, check_cache: bool = True) -> RunData | None:
                 "(--set data.root=...)"
             )
         return None  # indexed when the run starts
-    return load_run_data(cfg.data, cfg.resolve_model if check_cache else None)
+    return load_run_data(cfg.data, cfg.clip_spec if check_cache else None)
 
 
 def check_bad_clips(cfg: JlstmConfig, run_id: str, result: ray.train.Result) -> None:

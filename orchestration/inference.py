@@ -13,6 +13,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from ray.train.torch import TorchTrainer
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.cluster import init_ray
 from data_shards.datasets import build_datasets, clip_readers
 from data_shards.errors import BadDataError
@@ -42,7 +43,7 @@ def evaluate_model(model_uri: str, cfg: JlstmConfig, out_dir: str | Path) -> dic
     loaded = registry.load_model(model_uri)
     init_ray()
     ensure_index(cfg.data)
-    run = load_run_data(cfg.data, lambda num_classes: loaded.model_cfg)
+    run = load_run_data(cfg.data, lambda num_classes: ClipSpec.of(loaded.model_cfg))
     if run.class_names != loaded.class_names:
         raise ValueError(
             f"model {model_uri} was trained on classes {loaded.class_names[:5]}..., "
@@ -69,9 +70,10 @@ def evaluate_distributed(
     files land in `out_dir`. `run`: the data as read (and checked) once, else read here.
     """
     plan = plan_run(cfg)
-    run = run or load_run_data(cfg.data, lambda num_classes: model_cfg)
+    clip_spec = ClipSpec.of(model_cfg)
+    run = run or load_run_data(cfg.data, lambda num_classes: clip_spec)
     val = build_datasets(
-        cfg.data, model_cfg, eval_workers=plan.num_workers, run_data=run
+        cfg.data, clip_spec, eval_workers=plan.num_workers, run_data=run
     )["val"]
     test_videos = run.test_videos
     trainer = TorchTrainer(
@@ -79,7 +81,7 @@ def evaluate_distributed(
         train_loop_config={SETUP_KEY: EvalSetup(
             model_cfg, names, ray.put({k: v.cpu() for k, v in state_dict.items()}),
             max(1, cfg.train.batch_size // plan.num_workers),
-            clip_readers(cfg.data, model_cfg, run.cache_key)["val"], test_videos,
+            clip_readers(cfg.data, clip_spec, run.cache_key)["val"], test_videos,
             test_video_paths=test_videos_of(run.subset("test")),
         )},
         scaling_config=ray.train.ScalingConfig(

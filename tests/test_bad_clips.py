@@ -111,15 +111,15 @@ def test_a_cache_build_that_meets_a_hanging_video_reports_it_and_ends_in_time(
         data={"feature_cache": str(tmp_path / "features"), "decode_timeout_s": HANG_TIMEOUT_S},
     )
     cfg = validate_config(raw)
-    model_cfg = cfg.resolve_model(2)
+    clip_spec = cfg.clip_spec(2)
     started = time.monotonic()
-    assert build_feature_cache(cfg.data, model_cfg).num_failed == 0
+    assert build_feature_cache(cfg.data, clip_spec).num_failed == 0
     normal = time.monotonic() - started
 
     hanging = videos[0]
     _swap_for_fifo(hanging)
     started = time.monotonic()
-    info = build_feature_cache(cfg.data, model_cfg, rebuild=True)
+    info = build_feature_cache(cfg.data, clip_spec, rebuild=True)
     with_hang = time.monotonic() - started
     assert info.num_failed == 1 and "timeout" in info.first_error
     assert Path(hanging["video_path"]).name in info.first_error
@@ -226,7 +226,7 @@ def _cached_run(folder: Path, run_name: str, cache: str) -> Path:
     config.write_text(yaml.safe_dump(raw))
     cfg = load_config(config)
     ensure_index(cfg.data)
-    build_feature_cache(cfg.data, cfg.resolve_model(2))
+    build_feature_cache(cfg.data, cfg.clip_spec(2))
     return config
 
 

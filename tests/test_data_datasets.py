@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.clips import clip_table
 from data_shards.config import DataConfig
 from data_shards.datasets import build_datasets
@@ -16,7 +17,9 @@ from data_shards.index import index_videos
 from data_shards.synth import synthesize_dataset, write_broken_videos
 from model import ModelConfig
 
-MODEL = ModelConfig(num_classes=4, frame_size=32, clip_len=8, last_steps=4, map_size=1)
+CLIP = ClipSpec.of(
+    ModelConfig(num_classes=4, frame_size=32, clip_len=8, last_steps=4, map_size=1)
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def _keys(rows: list[dict]) -> list[tuple[int, int]]:
 def _expected_clips(cfg: DataConfig, subset: str, stride: int) -> list[tuple[int, int]]:
     manifest = pq.read_table(cfg.manifest_path())
     videos = manifest.filter(pa.compute.equal(manifest["subset"], subset))
-    table = clip_table(videos, MODEL.clip_len, stride)
+    table = clip_table(videos, CLIP.clip_len, stride)
     return list(zip(table["video_id"].to_pylist(), table["clip_start"].to_pylist(), strict=True))
 
 
@@ -89,9 +92,9 @@ def test_eval_shards_for_2_workers_cover_every_clip_exactly_once(
         manifest.filter(pa.compute.not_equal(manifest["video_id"], first_test)),
         tmp_path,
     )
-    expected = _expected_clips(cfg, "test", MODEL.clip_len)
+    expected = _expected_clips(cfg, "test", CLIP.clip_len)
     assert len(expected) == 35
-    val = build_datasets(cfg, MODEL, eval_workers=2)["val"]
+    val = build_datasets(cfg, CLIP, eval_workers=2)["val"]
     first, second = _consume_split(val, equal=False)
     # 2 x EVAL_BLOCKS_PER_WORKER blocks of 4 or 5 clips, handed out by rows so far.
     assert abs(len(first) - len(second)) <= 5, (len(first), len(second))
@@ -108,7 +111,7 @@ def test_the_data_config_shards_each_dataset_as_ray_train_v2_asks(
     scored exactly once and the training clips split evenly (clips // world each)."""
     from orchestration.driver import SplitEvalDataConfig
 
-    datasets = build_datasets(data_cfg, MODEL, eval_workers=2)
+    datasets = build_datasets(data_cfg, CLIP, eval_workers=2)
     config = SplitEvalDataConfig()
     shards = {
         name: [ranks[name] for ranks in config.configure(
@@ -117,7 +120,7 @@ def test_the_data_config_shards_each_dataset_as_ray_train_v2_asks(
         for name, ds in datasets.items()
     }
     val = _consume_shards(shards["val"])
-    expected = _expected_clips(data_cfg, "test", MODEL.clip_len)
+    expected = _expected_clips(data_cfg, "test", CLIP.clip_len)
     assert sorted(clip for part in val for clip in part) == sorted(expected)
     train = _consume_shards(shards["train"])
     clips = len(_expected_clips(data_cfg, "train", data_cfg.train_stride))
@@ -127,21 +130,21 @@ def test_the_data_config_shards_each_dataset_as_ray_train_v2_asks(
 def test_train_shards_are_disjoint_like_ray_train_splits_them(data_cfg: DataConfig) -> None:
     """Ray Train splits "train" with equal=True: disjoint, same length, at most 1 clip dropped."""
     expected = _expected_clips(data_cfg, "train", data_cfg.train_stride)
-    first, second = _consume_split(build_datasets(data_cfg, MODEL)["train"], equal=True)
+    first, second = _consume_split(build_datasets(data_cfg, CLIP)["train"], equal=True)
     assert len(first) == len(second) == len(expected) // 2
     assert not set(first) & set(second) and set(first + second) <= set(expected)
 
 
 def test_training_order_is_new_each_epoch_and_reproducible(data_cfg: DataConfig) -> None:
-    train = build_datasets(data_cfg, MODEL)["train"]
+    train = build_datasets(data_cfg, CLIP)["train"]
     epoch1, epoch2 = _keys(train.take_all()), _keys(train.take_all())
     expected = _expected_clips(data_cfg, "train", data_cfg.train_stride)
     assert sorted(epoch1) == sorted(epoch2) == sorted(expected)
     assert epoch1 != epoch2 and epoch1 != expected
-    fixed = build_datasets(data_cfg, MODEL, epoch_seed=3)["train"]
+    fixed = build_datasets(data_cfg, CLIP, epoch_seed=3)["train"]
     assert _keys(fixed.take_all()) == _keys(fixed.take_all())
-    val = build_datasets(data_cfg, MODEL)["val"]
-    assert _keys(val.take_all()) == _expected_clips(data_cfg, "test", MODEL.clip_len)
+    val = build_datasets(data_cfg, CLIP)["val"]
+    assert _keys(val.take_all()) == _expected_clips(data_cfg, "test", CLIP.clip_len)
 
 
 def test_a_bad_video_mid_training_set_does_not_stop_iteration(
@@ -162,7 +165,7 @@ def test_a_bad_video_mid_training_set_does_not_stop_iteration(
         manifest.schema.get_field_index("video_path"), "video_path", pa.array(paths)
     )
     cfg = _with_manifest(data_cfg, patched, tmp_path)
-    rows = build_datasets(cfg, MODEL)["train"].take_all()
+    rows = build_datasets(cfg, CLIP)["train"].take_all()
     bad = [r for r in rows if not r["ok"]]
     assert sorted(_keys(rows)) == sorted(_expected_clips(data_cfg, "train", cfg.train_stride))
     assert bad and {int(r["video_id"]) for r in bad} == {bad_id}

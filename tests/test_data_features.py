@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.config import DataConfig
 from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches
 from data_shards.decode import decode_clip
@@ -26,7 +28,7 @@ TAPS = ["pool4", "conv5_3"]
 @pytest.fixture(scope="module")
 def cached(
     ray_cluster: None, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[DataConfig, ModelConfig]:
+) -> tuple[DataConfig, ClipSpec]:
     """2 classes x 3 videos, indexed, with a cache built from saved VGG16 weights."""
     tmp = tmp_path_factory.mktemp("cache")
     root = synthesize_dataset(
@@ -35,7 +37,7 @@ def cached(
     torch.manual_seed(1)
     with pytest.warns(UserWarning, match="RANDOMLY INITIALIZED"):
         torch.save(VGG16Taps(TAPS, 2, weights=None).state_dict(), tmp / "vgg.pt")
-    model_cfg = ModelConfig(
+    clip_spec = ClipSpec.of(ModelConfig(
         num_classes=2,
         frame_size=32,
         clip_len=6,
@@ -43,7 +45,7 @@ def cached(
         taps=TAPS,
         map_size=2,
         backbone_weights=str(tmp / "vgg.pt"),
-    )
+    ))
     data_cfg = DataConfig(
         dataset="ucf101",
         root=str(root),
@@ -53,16 +55,16 @@ def cached(
         use_feature_cache=True,
     )
     index_videos(data_cfg, show_progress=False)
-    info = build_feature_cache(data_cfg, model_cfg)
+    info = build_feature_cache(data_cfg, clip_spec)
     assert (info.num_videos, info.num_failed) == (6, 0)
     assert info.bytes_per_video > 0 and info.total_bytes == pytest.approx(6 * info.bytes_per_video)
-    return data_cfg, model_cfg
+    return data_cfg, clip_spec
 
 
-def _rows(data_cfg: DataConfig, model_cfg: ModelConfig, name: str) -> list[dict]:
+def _rows(data_cfg: DataConfig, clip_spec: ClipSpec, name: str) -> list[dict]:
     """Every row of dataset `name`, its taps read the way a training worker reads them."""
-    dataset = build_datasets(data_cfg, model_cfg)[name]
-    read = clip_readers(data_cfg, model_cfg)[name]
+    dataset = build_datasets(data_cfg, clip_spec)[name]
+    read = clip_readers(data_cfg, clip_spec)[name]
     return [
         {key: values[i] for key, values in batch.items()}
         for batch in iter_clip_batches(dataset, 4, read)
@@ -70,17 +72,17 @@ def _rows(data_cfg: DataConfig, model_cfg: ModelConfig, name: str) -> list[dict]
     ]
 
 
-def test_cache_rows_match_a_direct_backbone_forward(cached: tuple[DataConfig, ModelConfig]) -> None:
-    data_cfg, model_cfg = cached
+def test_cache_rows_match_a_direct_backbone_forward(cached: tuple[DataConfig, ClipSpec]) -> None:
+    data_cfg, clip_spec = cached
     manifest = load_manifest(data_cfg).to_pydict()
     paths = {
         video_id: video_file(data_cfg.root, path)
         for video_id, path in zip(manifest["video_id"], manifest["video_path"], strict=True)
     }
     num_frames = dict(zip(manifest["video_id"], manifest["num_frames"], strict=True))
-    backbone = VGG16Taps(TAPS, 2, weights=model_cfg.backbone_weights).eval()
+    backbone = VGG16Taps(TAPS, 2, weights=clip_spec.backbone_weights).eval()
     for name in ("train", "val"):
-        rows = _rows(data_cfg, model_cfg, name)
+        rows = _rows(data_cfg, clip_spec, name)
         assert rows and all(r["ok"] for r in rows)
         for row in rows[:3]:
             frames = decode_clip(
@@ -118,22 +120,22 @@ def _by_clip(rows: list[dict]) -> dict[tuple[int, int], dict]:
 
 @pytest.mark.parametrize("cache_dtype", ["float16", "uint8"])
 def test_the_read_stage_gives_the_rows_the_worker_reads(
-    cached: tuple[DataConfig, ModelConfig], tmp_path: Path, cache_dtype: str
+    cached: tuple[DataConfig, ClipSpec], tmp_path: Path, cache_dtype: str
 ) -> None:
     """`data.cache_read: stage` (a Ray Data map_batches stage) and `worker` (the consumer's
     thread): the same clips with the same taps, scales and flags; a cut-short file's clips
     are reported by both."""
-    data_cfg, model_cfg = cached
+    data_cfg, clip_spec = cached
     if cache_dtype == "uint8":
         data_cfg = data_cfg.model_copy(update={
             "cache_dtype": "uint8", "feature_cache": str(tmp_path / "features8"),
         })
-        build_feature_cache(data_cfg, model_cfg)
+        build_feature_cache(data_cfg, clip_spec)
     stage_cfg = data_cfg.model_copy(update={"cache_read": "stage"})
-    assert clip_readers(stage_cfg, model_cfg) == {"train": None, "val": None}
+    assert clip_readers(stage_cfg, clip_spec) == {"train": None, "val": None}
     for name in ("train", "val"):
-        worker, stage = _by_clip(_rows(data_cfg, model_cfg, name)), _by_clip(
-            _rows(stage_cfg, model_cfg, name)
+        worker, stage = _by_clip(_rows(data_cfg, clip_spec, name)), _by_clip(
+            _rows(stage_cfg, clip_spec, name)
         )
         assert worker.keys() == stage.keys() and len(worker) > 0
         for clip, row in worker.items():
@@ -142,35 +144,35 @@ def test_the_read_stage_gives_the_rows_the_worker_reads(
             for key in taps:
                 np.testing.assert_array_equal(stage[clip][key], row[key])
     cut, victim = _cache_with_a_cut_file(stage_cfg, tmp_path / "cut")
-    rows = _rows(cut, model_cfg, "train") + _rows(cut, model_cfg, "val")
+    rows = _rows(cut, clip_spec, "train") + _rows(cut, clip_spec, "val")
     bad = [r for r in rows if not r["ok"]]
     assert bad and all("truncated" in r["error"] and victim.name in r["error"] for r in bad)
 
 
-def test_a_stale_cache_is_refused(cached: tuple[DataConfig, ModelConfig], tmp_path: Path) -> None:
-    data_cfg, model_cfg = cached
+def test_a_stale_cache_is_refused(cached: tuple[DataConfig, ClipSpec], tmp_path: Path) -> None:
+    data_cfg, clip_spec = cached
     with pytest.raises(StaleCacheError, match="train_stride: cache has 5, config wants 3"):
-        build_datasets(data_cfg.model_copy(update={"train_stride": 3}), model_cfg)
+        build_datasets(data_cfg.model_copy(update={"train_stride": 3}), clip_spec)
     with pytest.raises(StaleCacheError, match="map_size"):
-        build_datasets(data_cfg, model_cfg.model_copy(update={"map_size": 1}))
+        build_datasets(data_cfg, dataclasses.replace(clip_spec, map_size=1))
     torch.manual_seed(2)
     with pytest.warns(UserWarning, match="RANDOMLY INITIALIZED"):
         torch.save(VGG16Taps(TAPS, 2, weights=None).state_dict(), tmp_path / "other.pt")
-    other = model_cfg.model_copy(update={"backbone_weights": str(tmp_path / "other.pt")})
+    other = dataclasses.replace(clip_spec, backbone_weights=str(tmp_path / "other.pt"))
     with pytest.raises(StaleCacheError, match="backbone_weights_digest"):
         build_datasets(data_cfg, other)
     empty = data_cfg.model_copy(update={"feature_cache": str(tmp_path / "none")})
     with pytest.raises(StaleCacheError, match="no feature cache"):
-        build_datasets(empty, model_cfg)
+        build_datasets(empty, clip_spec)
 
 
 def test_a_truncated_cache_file_is_reported(
-    cached: tuple[DataConfig, ModelConfig], tmp_path: Path
+    cached: tuple[DataConfig, ClipSpec], tmp_path: Path
 ) -> None:
     """A cut-short .npy (a copy that stopped, a full disk) flags its clips; others still read."""
-    data_cfg, model_cfg = cached
+    data_cfg, clip_spec = cached
     cut, victim = _cache_with_a_cut_file(data_cfg, tmp_path / "features")
-    rows = _rows(cut, model_cfg, "train") + _rows(cut, model_cfg, "val")
+    rows = _rows(cut, clip_spec, "train") + _rows(cut, clip_spec, "val")
     bad = [r for r in rows if not r["ok"]]
     assert bad and len(bad) < len(rows)
     assert all("truncated" in r["error"] and victim.name in r["error"] for r in bad)
@@ -178,26 +180,26 @@ def test_a_truncated_cache_file_is_reported(
 
 
 def test_a_uint8_cache_is_half_the_size_and_within_half_a_step(
-    cached: tuple[DataConfig, ModelConfig], tmp_path: Path
+    cached: tuple[DataConfig, ClipSpec], tmp_path: Path
 ) -> None:
     """cache_dtype = uint8: each stored byte x its channel's scale is the fp16 tap to within
     half a quantization step, and the worker's `to_batch` gives the model those values."""
-    data_cfg, model_cfg = cached
+    data_cfg, clip_spec = cached
     quantized_cfg = data_cfg.model_copy(
         update={"cache_dtype": "uint8", "feature_cache": str(tmp_path / "features8")}
     )
-    info8 = build_feature_cache(quantized_cfg, model_cfg)
-    info16 = build_feature_cache(data_cfg, model_cfg)  # the module's cache, reused
+    info8 = build_feature_cache(quantized_cfg, clip_spec)
+    info16 = build_feature_cache(data_cfg, clip_spec)  # the module's cache, reused
     assert info8.num_failed == 0
     assert info8.total_bytes < 0.6 * info16.total_bytes
     with pytest.raises(StaleCacheError, match="dtype: cache has 'uint8', config wants 'float16'"):
         build_datasets(
-            quantized_cfg.model_copy(update={"cache_dtype": "float16"}), model_cfg
+            quantized_cfg.model_copy(update={"cache_dtype": "float16"}), clip_spec
         )
     key = ["video_id", "clip_start"]
-    rows16 = {tuple(r[k] for k in key): r for r in _rows(data_cfg, model_cfg, "val")}
-    read8 = clip_readers(quantized_cfg, model_cfg)["val"]
-    batch8 = read8(build_datasets(quantized_cfg, model_cfg)["val"].take_batch(
+    rows16 = {tuple(r[k] for k in key): r for r in _rows(data_cfg, clip_spec, "val")}
+    read8 = clip_readers(quantized_cfg, clip_spec)["val"]
+    batch8 = read8(build_datasets(quantized_cfg, clip_spec)["val"].take_batch(
         len(rows16), batch_format="numpy"
     ))
     inputs = to_batch(batch8, torch.device("cpu")).inputs

@@ -84,4 +84,4 @@ def test_index_quarantines_every_broken_kind_and_keeps_the_good(
 
     # 11 of 14 listed videos are quarantined: far past max_bad_fraction, so no run starts.
     with pytest.raises(BadDataError, match="max_bad_fraction"):
-        build_datasets(folder_dataset, model_cfg=None)
+        build_datasets(folder_dataset, clip_spec=None)

@@ -140,7 +140,7 @@ def test_a_run_shrinks_when_a_node_is_lost_and_grows_back_when_one_comes(
     assert state.epoch == EPOCHS
     steps = {e: int(v) for e, v, _ in _history(result.run_id, TRAIN_STEPS)}
     batches = {e: int(v) for e, v, _ in _history(result.run_id, TRAIN_GLOBAL_BATCH)}
-    clips = train_clip_table(cfg.data, cfg.resolve_model(2), pq.read_table(
+    clips = train_clip_table(cfg.data, cfg.clip_spec(2), pq.read_table(
         cfg.data.manifest_path())).num_rows
     assert set(steps.values()) == {steps_per_epoch(clips, GLOBAL_BATCH)}, steps
     assert set(batches.values()) == {GLOBAL_BATCH}

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 from tiny_run import tiny_config
 
+from data_shards.clip_spec import ClipSpec
 from data_shards.config import DataConfig
 from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches
 from data_shards.errors import MissingVideosError, SplitFileError
@@ -211,7 +212,7 @@ TAPS = ["conv4_3"]
 @pytest.fixture(scope="module")
 def moved(
     ray_cluster: None, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[DataConfig, ModelConfig, dict, Path]:
+) -> tuple[DataConfig, ClipSpec, dict, Path]:
     """A synthetic dataset (the demo's layout) indexed and cached at `before/data`, then
     moved to `after/data`: the config of the new root, the model, the cache's key as
     written, and the folder both roots are in."""
@@ -222,16 +223,16 @@ def moved(
     torch.manual_seed(1)
     with pytest.warns(UserWarning, match="RANDOMLY INITIALIZED"):
         torch.save(VGG16Taps(TAPS, 2, weights=None).state_dict(), tmp / "vgg.pt")
-    model_cfg = ModelConfig(
+    clip_spec = ClipSpec.of(ModelConfig(
         num_classes=2, frame_size=32, clip_len=6, last_steps=3, taps=TAPS, map_size=2,
         backbone_weights=str(tmp / "vgg.pt"),
-    )
+    ))
     before = DataConfig(
         dataset="ucf101", root=str(tmp / "before" / "data"), train_stride=5, decode_cpus=0.5,
         feature_cache=str(tmp / "before" / "data" / "features"), use_feature_cache=True,
     )
     index_videos(before, show_progress=False)
-    assert build_feature_cache(before, model_cfg).num_failed == 0
+    assert build_feature_cache(before, clip_spec).num_failed == 0
     key = json.loads((Path(str(before.feature_cache)) / KEY_FILE).read_text())
     (tmp / "after").mkdir()
     shutil.move(tmp / "before" / "data", tmp / "after" / "data")
@@ -239,45 +240,45 @@ def moved(
         "root": str(tmp / "after" / "data"),
         "feature_cache": str(tmp / "after" / "data" / "features"),
     })
-    return after, model_cfg, key, tmp
+    return after, clip_spec, key, tmp
 
 
 def test_a_moved_dataset_is_read_decoded_and_cached_at_its_new_root(
-    moved: tuple[DataConfig, ModelConfig, dict, Path],
+    moved: tuple[DataConfig, ClipSpec, dict, Path],
 ) -> None:
-    data_cfg, model_cfg, key, tmp = moved
+    data_cfg, clip_spec, key, tmp = moved
     assert not (tmp / "before" / "data").exists()
     manifest = load_manifest(data_cfg)
     assert not any(Path(p).is_absolute() for p in manifest["video_path"].to_pylist())
 
     # The cache: the same key, found fresh, reused as it is (no file rewritten).
-    assert cache_key(data_cfg, model_cfg, manifest) == key
-    assert check_cache(data_cfg, model_cfg, manifest) == key
+    assert cache_key(data_cfg, clip_spec, manifest) == key
+    assert check_cache(data_cfg, clip_spec, manifest) == key
     cache_dir = Path(str(data_cfg.feature_cache))
     stamps = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
-    assert build_feature_cache(data_cfg, model_cfg).key == key
+    assert build_feature_cache(data_cfg, clip_spec).key == key
     assert {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == stamps
-    run = load_run_data(data_cfg, lambda num_classes: model_cfg)
-    for name, read in clip_readers(data_cfg, model_cfg, run.cache_key).items():
+    run = load_run_data(data_cfg, lambda num_classes: clip_spec)
+    for name, read in clip_readers(data_cfg, clip_spec, run.cache_key).items():
         rows = list(iter_clip_batches(
-            build_datasets(data_cfg, model_cfg, run_data=run)[name], 8, read
+            build_datasets(data_cfg, clip_spec, run_data=run)[name], 8, read
         ))
         assert rows and all(batch["ok"].all() for batch in rows), name
 
     # Decoding: Ray Data's tasks open every clip's video at the new root.
     decoding = data_cfg.model_copy(update={"use_feature_cache": False})
-    for name, dataset in build_datasets(decoding, model_cfg).items():
+    for name, dataset in build_datasets(decoding, clip_spec).items():
         rows = dataset.take_all()
         assert rows and all(r["ok"] for r in rows), (name, [r["error"] for r in rows][:2])
         assert all(r["frames"].any() for r in rows)
 
     # The target boxes (evaluation's attention_on_target) are found for every test video.
     test = manifest.filter(pc.equal(manifest["subset"], "test"))
-    cells = load_target_cells(data_cfg.root, test, model_cfg.map_size)
+    cells = load_target_cells(data_cfg.root, test, clip_spec.map_size)
     assert cells is not None and set(cells) == set(test["video_id"].to_pylist())
 
 
-def _copy(moved: tuple[DataConfig, ModelConfig, dict, Path], name: str) -> Path:
+def _copy(moved: tuple[DataConfig, ClipSpec, dict, Path], name: str) -> Path:
     """A copy of the moved dataset's root (videos, manifest, cache) under `name`."""
     data_cfg, _, _, tmp = moved
     return Path(shutil.copytree(data_cfg.root, tmp / name / "data"))
@@ -296,7 +297,7 @@ def _config_file(root: Path, **data: object) -> Path:
 
 
 def test_videos_missing_at_the_new_root_end_in_one_line(
-    moved: tuple[DataConfig, ModelConfig, dict, Path], capsys: pytest.CaptureFixture,
+    moved: tuple[DataConfig, ClipSpec, dict, Path], capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     root = _copy(moved, "missing")
@@ -317,7 +318,7 @@ def test_videos_missing_at_the_new_root_end_in_one_line(
 
 
 def test_a_cache_build_where_every_video_fails_ends_in_one_line(
-    moved: tuple[DataConfig, ModelConfig, dict, Path], capsys: pytest.CaptureFixture,
+    moved: tuple[DataConfig, ClipSpec, dict, Path], capsys: pytest.CaptureFixture,
 ) -> None:
     """Every video broken after indexing: exit 4 and one line with the first reason, and no
     key (no run takes the cache for a built one). One broken: its count and reason."""

@@ -138,7 +138,7 @@ def test_feature_pool_uses_each_gpu_or_half_the_cpus() -> None:
 
 def test_epoch_size_estimated_from_the_real_ucf101_split_files() -> None:
     cfg = load_config(PAPER, [f"data.splits_dir={SPLITS}"])
-    size = data_size(cfg.data, cfg.resolve_model(101))
+    size = data_size(cfg.data, cfg.clip_spec(101))
     # UCF101 split 1 lists 9,537 training and 3,783 test videos.
     assert (size.train_videos, size.test_videos) == (9537, 3783)
     assert size.source.startswith("split files (estimate")
@@ -156,14 +156,14 @@ def test_epoch_size_from_a_manifest_is_exact(tmp_path: Path) -> None:
     data_cfg = DataConfig(dataset="folder", root=str(tmp_path), manifest=str(manifest),
                           train_stride=4, use_feature_cache=True, feature_cache=str(tmp_path))
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    model_cfg = cfg.resolve_model(2)
-    size = data_size(data_cfg, model_cfg)
+    clip_spec = cfg.clip_spec(2)
+    size = data_size(data_cfg, clip_spec)
     assert size.source == "manifest"
-    assert size.train_clips == sum(len(clip_starts(n, model_cfg.clip_len, 4)) for n in frames[:2])
-    frames_cached = sum(len(needed_frames(n, model_cfg.clip_len, 4)) for n in frames[:2]) + sum(
-        len(needed_frames(n, model_cfg.clip_len, model_cfg.clip_len)) for n in frames[2:]
+    assert size.train_clips == sum(len(clip_starts(n, clip_spec.clip_len, 4)) for n in frames[:2])
+    frames_cached = sum(len(needed_frames(n, clip_spec.clip_len, 4)) for n in frames[:2]) + sum(
+        len(needed_frames(n, clip_spec.clip_len, clip_spec.clip_len)) for n in frames[2:]
     )
-    per_frame = len(model_cfg.taps) * 512 * model_cfg.map_size**2 * 2
+    per_frame = len(clip_spec.taps) * 512 * clip_spec.map_size**2 * 2
     assert size.cache_bytes == frames_cached * per_frame
 
 

@@ -213,7 +213,7 @@ def test_predict_names_the_right_class_after_a_short_training(
     )
     cfg = validate_config(raw)
     ensure_index(cfg.data)
-    build_feature_cache(cfg.data, cfg.resolve_model(2))
+    build_feature_cache(cfg.data, cfg.clip_spec(2))
     result = train_split(cfg)
     assert result.metrics["val_video_top1_vote"] > 0.5, result.metrics
 

@@ -72,9 +72,9 @@ def base_config(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> 
     cfg = load_config(path)
     manifest = ensure_index(cfg.data)
     assert manifest.is_file()
-    model_cfg = cfg.resolve_model(2).model_copy(update={"taps": ALL_TAPS})
+    clip_spec = cfg.clip_spec(2).with_taps(ALL_TAPS)
     with pytest.warns(UserWarning, match="RANDOMLY INITIALIZED"):
-        build_feature_cache(cfg.data, model_cfg)
+        build_feature_cache(cfg.data, clip_spec)
     return path
 
 
@@ -207,9 +207,9 @@ def test_concurrency_leaves_a_cpu_to_ray_data(tmp_path: Path) -> None:
 def test_cache_of_all_taps_serves_every_branch_set(base_config: Path) -> None:
     cfg = load_config(base_config)
     for taps in (["pool4"], ["conv5_3"], ["pool4", "conv5_3"], ALL_TAPS):
-        check_cache(cfg.data, cfg.resolve_model(2).model_copy(update={"taps": taps}))
+        check_cache(cfg.data, cfg.clip_spec(2).with_taps(taps))
     with pytest.raises(StaleCacheError, match="taps"):
-        check_cache(cfg.data, cfg.resolve_model(2).model_copy(update={"taps": ["pool5"]}))
+        check_cache(cfg.data, cfg.clip_spec(2).with_taps(["pool5"]))
 
 
 @pytest.mark.slow

@@ -78,11 +78,11 @@ def ensure_index_and_cache(base: JlstmConfig, taps: list[str]) -> None:
         return
     names = class_names(manifest)
     ordered = sorted(set(taps), key=TAP_LAST_INDEX.__getitem__)  # VGG16's layer order
-    union = base.resolve_model(len(names)).model_copy(update={"taps": ordered})
+    union = base.clip_spec(len(names)).with_taps(ordered)
     try:
         check_cache(base.data, union)
     except StaleCacheError as err:
-        log.info("building the feature cache for taps %s (%s)", union.taps, err)
+        log.info("building the feature cache for taps %s (%s)", ordered, err)
         build_feature_cache(base.data, union, **feature_pool(live_nodes()))
 
 
