@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -15,7 +18,13 @@ from data_shards.config import DataConfig
 from data_shards.datasets import build_datasets, clip_readers, iter_clip_batches
 from data_shards.decode import decode_clip
 from data_shards.errors import StaleCacheError
-from data_shards.features import build_feature_cache
+from data_shards.features import (
+    CACHE_FORMAT,
+    RANDOM_INIT_SEED,
+    build_feature_cache,
+    cache_key,
+    manifest_digest,
+)
 from data_shards.index import index_videos
 from data_shards.manifest import load_manifest, video_file
 from data_shards.synth import synthesize_dataset
@@ -23,6 +32,39 @@ from model import ModelConfig, VGG16Taps, normalize_frames
 from orchestration.step import to_batch
 
 TAPS = ["pool4", "conv5_3"]
+
+
+def test_the_cache_key_is_the_one_written_before_the_clip_spec(tmp_path: Path) -> None:
+    """`cache_key` takes a `ClipSpec` since issue 29; it hashes the very values it hashed
+    from the model config before, in the same JSON types (taps a list), so every cache
+    built before stays valid."""
+    torch.manual_seed(3)
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALIZED"):
+        torch.save(VGG16Taps(["conv4_3", "pool5"], 1, weights=None).state_dict(),
+                   tmp_path / "vgg.pt")
+    manifest = pa.table({
+        "video_id": [0, 1], "video_path": ["a/x.avi", "b/y.avi"], "size": [10, 20],
+        "num_frames": [40, 57], "subset": ["train", "test"],
+    })
+    data_cfg = DataConfig(dataset="folder", root=str(tmp_path), cache_dtype="uint8",
+                          train_stride=5, eval_stride=3, frame_interval=2)
+    for weights in (None, str(tmp_path / "vgg.pt")):
+        model_cfg = ModelConfig(num_classes=3, frame_size=64, clip_len=6, last_steps=2,
+                                taps=["pool5", "conv4_3"], map_size=1, backbone_weights=weights)
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # random init: warned above
+            torch.manual_seed(RANDOM_INIT_SEED)
+            digest = VGG16Taps(model_cfg.taps, model_cfg.map_size, weights).weights_digest()
+        before = {  # what `cache_key(data_cfg, model_cfg, manifest)` returned before
+            "format": CACHE_FORMAT, "dtype": "uint8", "backbone_weights_digest": digest,
+            "frame_size": 64, "taps": ["pool5", "conv4_3"], "map_size": 1, "clip_len": 6,
+            "train_stride": 5, "eval_stride": 3, "frame_interval": 2,
+            "manifest_digest": manifest_digest(manifest),
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            key = cache_key(data_cfg, ClipSpec.of(model_cfg), manifest)
+        assert json.dumps(key, sort_keys=True) == json.dumps(before, sort_keys=True)
 
 
 @pytest.fixture(scope="module")

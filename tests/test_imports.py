@@ -5,6 +5,7 @@ command line starts without the heavy libraries."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,37 @@ def test_metric_names_are_spelled_out_in_one_module() -> None:
         if "val_video_top1_vote" in path.read_text()
     )
     assert spelled == ["orchestration/metrics.py"]
+
+
+def _parameters(layer: str) -> list[tuple[str, ast.arg]]:
+    """("module.function", parameter) of every def in `layer`'s modules, nested ones too."""
+    found = []
+    for path in sorted((REPO / layer).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = node.args
+                every = [*args.posonlyargs, *args.args, *args.kwonlyargs,
+                         *filter(None, [args.vararg, args.kwarg])]
+                found += [(f"{_module_name(path)}.{node.name}", arg) for arg in every]
+    return found
+
+
+def test_data_shards_takes_a_clip_spec_not_the_model_config() -> None:
+    """`data_shards` reads five things of the model (`data_shards/clip_spec.py`): its
+    functions take a `ClipSpec`, and only `ClipSpec.of` takes the model's config. Every
+    parameter is annotated, none `Any`: an untyped one could carry a model config again."""
+    params = _parameters("data_shards")
+    assert len(params) > 100  # the walk found the package's functions
+    the_door = "data_shards.clip_spec.of"  # ClipSpec.of(model_cfg: ModelConfig)
+    wrong = [
+        f"{where}({arg.arg}: {ast.unparse(arg.annotation) if arg.annotation else 'untyped'})"
+        for where, arg in params
+        if arg.arg not in ("self", "cls") and (
+            arg.annotation is None
+            or re.search(r"\bAny\b", ast.unparse(arg.annotation))
+            or (where != the_door and (
+                "model_cfg" in arg.arg or "ModelConfig" in ast.unparse(arg.annotation)
+            ))
+        )
+    ]
+    assert not wrong
