@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import threading
 import time
 import warnings
@@ -49,7 +48,7 @@ import ray
 import torch
 from cache_read import cpu_seconds
 from gpu_step import PAPER_CONFIG, REDUCED, mfu_note, peak_bf16_tflops, sync
-from machine import load_average, machine_info, write_json
+from machine import load_average, result_head, work_folder, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_shards.clip_spec import ClipSpec
@@ -242,11 +241,7 @@ def main() -> None:
     sizes = {k: v if getattr(args, k) is None else getattr(args, k)
              for k, v in SIZES[args.size].items()}
     load_start, started = load_average(), time.perf_counter()
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="jlstm-cache-build-")
-        args.workdir = Path(tmp.name)
-    workdir = args.workdir.resolve()
+    workdir, tmp = work_folder(args, "jlstm-cache-build-")
     reduced = [] if args.size == "full" else [
         *(f"model.{k}={v}" for k, v in REDUCED.items()),
         f"data.train_stride={REDUCED['clip_len'] // 2}",  # the paper's T / 2, as cache_read
@@ -296,12 +291,8 @@ def main() -> None:
     vgg_fps = vgg["as_built"]["frames_per_s"]
     estimate = pool["actors"] / (1 / decode_fps + 1 / vgg_fps)
     result = {
-        "benchmark": "cache_build",
-        "machine": machine_info() | {"device": name, "cuda": torch.version.cuda},
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-        "total_s": round(time.perf_counter() - started, 1),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **result_head("cache_build", args, load_start, time.perf_counter() - started,
+                      machine={"device": name, "cuda": torch.version.cuda}),
         "size": args.size,
         "sizes": sizes,
         "model": {k: getattr(model_cfg, k) for k in ("frame_size", "clip_len", "map_size", "taps")},
@@ -343,9 +334,7 @@ def main() -> None:
     }
     if tmp is not None:  # a given --workdir keeps the data and cache, for cache_read.py
         tmp.cleanup()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
+    write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("size", "total_s", "bound_by")}
                      | {"frames_per_s": build["frames_per_s"], "mfu": build["mfu"]}))
 

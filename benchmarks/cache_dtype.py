@@ -21,21 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import machine
 import numpy as np
 import ray
-from machine import load_average, machine_info
 from variants import CACHE_TAPS, DEMO_CONFIG, train_variant
 
-from data_shards.cluster import init_ray
 from data_shards.features import build_feature_cache, cache_file, scale_file
-from data_shards.index import ensure_index
-from data_shards.synth import synthesize_dataset
 from orchestration.config import load_config
 
 DTYPES = ("float16", "uint8")
@@ -75,22 +70,15 @@ def tap_errors(fp16_dir: Path, uint8_dir: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/cache_dtype.json")
-    parser.add_argument("--workdir", type=Path, help="default: a temp dir, removed at the end")
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--videos-per-class", type=int, default=24, help="the demo's: 24")
-    parser.add_argument("--num-frames", type=int, default=48)
+    machine.add_out_args(parser, "benchmarks/results/cache_dtype.json")
+    machine.add_video_args(parser, videos_per_class=24, help="the demo's: 24")
     parser.add_argument("--epochs", type=int, default=0, help="0 (default): the demo's")
     parser.add_argument("--no-training", dest="training", action="store_false",
                         help="sizes and tap errors only")
     args = parser.parse_args()
 
-    load_start, started = load_average(), time.time()
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="jlstm-cache-dtype-")
-        args.workdir = Path(tmp.name)
-    workdir = args.workdir.resolve()
+    load_start, started = machine.load_average(), time.time()
+    workdir, tmp = machine.work_folder(args, "jlstm-cache-dtype-")
     configs = {
         dtype: load_config(DEMO_CONFIG, [
             f"data.root={workdir / 'data'}", f"data.feature_cache={workdir / dtype}",
@@ -102,18 +90,11 @@ def main() -> None:
         for dtype in DTYPES
     }
     base = configs["float16"]
-    init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    machine.start_ray()
     caches: dict[str, Any] = {}
     runs: dict[str, Any] = {}
     try:
-        synthesize_dataset(
-            base.data.root, layout="ucf101", classes=args.classes,
-            videos_per_class=args.videos_per_class, seed=base.data.seed,
-            frame_size=base.model["frame_size"] * 4 // 3, num_frames=args.num_frames,
-        )
-        ensure_index(base.data)
+        machine.synthesize_videos(base, args)
         cache_spec = base.clip_spec(num_classes=args.classes).with_taps(CACHE_TAPS)
         for dtype, cfg in configs.items():
             built = time.time()
@@ -134,12 +115,7 @@ def main() -> None:
             tmp.cleanup()
 
     result = {
-        "benchmark": "cache_dtype",
-        "machine": machine_info(),
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-        "total_s": round(time.time() - started, 1),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **machine.result_head("cache_dtype", args, load_start, time.time() - started),
         "cache_taps": list(CACHE_TAPS),
         "caches": caches,
         "uint8_size_ratio": round(caches["uint8"]["bytes"] / caches["float16"]["bytes"], 4),
@@ -150,9 +126,7 @@ def main() -> None:
         },
         "runs": runs,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    machine.write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("caches", "uint8_tap_error", "late_fusion")},
                      indent=2))
 

@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from machine import load_average, machine_info, write_json
+from machine import load_average, result_head, work_folder, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import JointAttentionNet, ModelConfig
@@ -441,11 +440,7 @@ def main() -> None:
         parser.error(f"unknown modes {sorted(unknown)}; allowed: {list(MODES)}")
 
     load_start, started = load_average(), time.time()
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="jlstm-gpu-step-")
-        args.workdir = Path(tmp.name)
-    workdir = args.workdir.resolve()
+    workdir, tmp = work_folder(args, "jlstm-gpu-step-")
     overrides = [
         "model.backbone_weights=null",  # random init: timing does not depend on the weights
         *(["cluster.use_gpu=true"] if device.type == "cuda" else []),
@@ -487,19 +482,15 @@ def main() -> None:
         if tmp is not None:
             tmp.cleanup()
 
-    machine = machine_info() | {
+    device_facts = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
     }
     result = {
-        "benchmark": "gpu_step",
-        "machine": machine,
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-        "total_s": round(time.time() - started, 1),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **result_head("gpu_step", args, load_start, time.time() - started,
+                      machine=device_facts),
         "size": args.size,
         "autocast": "bf16" if device.type == "cuda" and cfg.train.precision == "bf16" else None,
         "model": model_cfg.model_dump(mode="json"),
@@ -511,9 +502,7 @@ def main() -> None:
         "pipeline_setup": setup,
         "modes": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
+    write_json(args.out, result)
     print(json.dumps({"size": args.size, "total_s": result["total_s"]}))
 
 

@@ -48,7 +48,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -58,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
-from machine import load_average, machine_info, write_json
+from machine import load_average, machine_info, work_folder, write_json
 
 if TYPE_CHECKING:
     from orchestration.config import JlstmConfig
@@ -730,12 +729,7 @@ def run_suite(args: argparse.Namespace, stages: list[tuple[str, str, Plan]] | No
     stage_dir = (args.stage_dir or args.out_dir).resolve()
     for folder in (out_dir, stage_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    tmp = None
-    if args.work_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="jlstm-gpu-suite-")
-        args.work_dir = Path(tmp.name)
-    work = args.work_dir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_folder(args, "jlstm-gpu-suite-", attr="work_dir", create=True)
     sizes = sizes or sizes_for(args.size, os.cpu_count() or 1)
     ctx = Context(args, cuda, sizes, out_dir, stage_dir, work, started + args.budget_s,
                   stage_caps(sizes, args.budget_s, stages))

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import logging
 import os
 import statistics
 import tempfile
@@ -38,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import machine
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -45,18 +45,14 @@ import ray
 import ray.train
 import torch
 from epoch_clock import EpochClock
-from machine import load_average, machine_info
 
 from data_shards.clip_spec import ClipSpec
-from data_shards.cluster import init_ray
 from data_shards.datasets import iter_clip_batches, subset_clips
 from data_shards.features import build_feature_cache
-from data_shards.index import ensure_index
 from data_shards.manifest import load_manifest
-from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
 from orchestration.checkpoint import EVAL_DIR, TrainState
-from orchestration.config import JlstmConfig, load_config
+from orchestration.config import JlstmConfig
 from orchestration.driver import build_trainer, prepare_data
 from orchestration.evaluate import evaluate
 from orchestration.session import plan_run
@@ -269,14 +265,8 @@ def _plain_epochs(
 
 def prepare_workdir(base: JlstmConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Synthesize, index, trim the test set, build the feature cache; returns set-up figures."""
-    root = Path(base.data.root)
     started = time.time()
-    synthesize_dataset(
-        root, layout="ucf101", classes=args.classes, videos_per_class=args.videos_per_class,
-        seed=base.data.seed, frame_size=base.model["frame_size"] * 4 // 3,
-        num_frames=args.num_frames,
-    )
-    manifest_path = ensure_index(base.data)
+    manifest_path = machine.synthesize_videos(base, args)
     table = load_manifest(base.data)
     if args.test_videos_per_class is not None:
         # Throughput is about training: a few test videos per class keep rank 0's per-epoch
@@ -307,14 +297,8 @@ def prepare_workdir(base: JlstmConfig, args: argparse.Namespace) -> dict[str, An
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
-    parser.add_argument("--workdir", type=Path, help="default: a temp dir, removed at the end")
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, as `jlstm train --set` (repeatable)")
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--videos-per-class", type=int, default=6)
-    parser.add_argument("--num-frames", type=int, default=48)
+    machine.add_out_args(parser, "benchmarks/results/train_throughput.json", config=DEMO_CONFIG)
+    machine.add_video_args(parser, videos_per_class=6)
     parser.add_argument("--test-videos-per-class", type=int, default=1,
                         help="trim the test set to this many videos per class (-1: keep all)")
     parser.add_argument("--epochs", type=int, default=3,
@@ -332,28 +316,11 @@ def main() -> None:
     if args.test_videos_per_class is not None and args.test_videos_per_class < 0:
         args.test_videos_per_class = None
 
-    load_start = load_average()
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="jlstm-throughput-")
-        args.workdir = Path(tmp.name)
-    workdir = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    base = load_config(
-        args.config,
-        [
-            f"data.root={workdir / 'data'}",
-            f"data.feature_cache={workdir / 'features'}",
-            "data.use_feature_cache=true",
-            f"cluster.storage_path={workdir / 'ray'}",
-            f"train.epochs={args.epochs}",
-            *args.set,
-        ],
-    )
+    load_start = machine.load_average()
+    workdir, tmp = machine.work_folder(args, "jlstm-throughput-", create=True)
+    base = machine.cached_config(args, workdir, f"train.epochs={args.epochs}")
     started = time.time()
-    init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    machine.start_ray()
     try:
         setup = prepare_workdir(base, args)
         train_clips = setup["train_clips"]
@@ -426,12 +393,7 @@ def main() -> None:
         ),
     }
     result = {
-        "benchmark": "train_throughput",
-        "machine": machine_info(),
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-        "total_s": round(time.time() - started, 1),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **machine.result_head("train_throughput", args, load_start, time.time() - started),
         "config": base.model_dump(mode="json"),
         "setup": setup,
         "worker_process": worker,
@@ -439,9 +401,7 @@ def main() -> None:
         "runs": runs,
         "rounds": rounds,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    machine.write_json(args.out, result)
     print(json.dumps({"figures": figures, "setup": setup}, indent=2))
 
 

@@ -15,25 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import machine
 import pyarrow.compute as pc
 import ray
 import ray.train
 from epoch_clock import EpochClock
-from machine import load_average, machine_info
 
-from data_shards.cluster import init_ray
 from data_shards.features import build_feature_cache
-from data_shards.index import ensure_index
 from data_shards.manifest import load_manifest
-from data_shards.synth import synthesize_dataset
 from model import JointAttentionNet
-from orchestration.config import JlstmConfig, load_config
+from orchestration.config import JlstmConfig
 from orchestration.driver import build_trainer, prepare_data
 from orchestration.session import plan_run
 
@@ -84,48 +79,22 @@ def train_variant(base: JlstmConfig, variant: str, workdir: Path) -> dict[str, A
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/variants.json")
-    parser.add_argument("--workdir", type=Path, help="default: a temp dir, removed at the end")
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, as `jlstm train --set` (repeatable)")
+    machine.add_out_args(parser, "benchmarks/results/variants.json", config=DEMO_CONFIG)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--videos-per-class", type=int, default=24, help="the demo's: 24")
-    parser.add_argument("--num-frames", type=int, default=48)
+    machine.add_video_args(parser, videos_per_class=24, help="the demo's: 24")
     parser.add_argument("--epochs", type=int, default=0,
                         help="epochs of every variant; 0 (default): the config's")
     args = parser.parse_args()
 
-    load_start = load_average()
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="jlstm-variants-")
-        args.workdir = Path(tmp.name)
-    workdir = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    overrides = [
-        f"data.root={workdir / 'data'}",
-        f"data.feature_cache={workdir / 'features'}",
-        "data.use_feature_cache=true",
-        f"cluster.storage_path={workdir / 'ray'}",
-        *(["train.epochs=" + str(args.epochs)] if args.epochs else []),
-        *args.set,
-    ]
-    base = load_config(args.config, overrides)
+    load_start = machine.load_average()
+    workdir, tmp = machine.work_folder(args, "jlstm-variants-", create=True)
+    epochs = [f"train.epochs={args.epochs}"] if args.epochs else []  # 0: the config's
+    base = machine.cached_config(args, workdir, *epochs)
     variants = [v for v in args.variants.split(",") if v]
     started = time.time()
-    init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    machine.start_ray()
     try:
-        root = Path(base.data.root)
-        synthesize_dataset(
-            root, layout="ucf101", classes=args.classes,
-            videos_per_class=args.videos_per_class, seed=base.data.seed,
-            frame_size=base.model["frame_size"] * 4 // 3, num_frames=args.num_frames,
-        )
-        ensure_index(base.data)
+        machine.synthesize_videos(base, args)
         manifest = load_manifest(base.data)
         cache_spec = base.clip_spec(num_classes=args.classes).with_taps(CACHE_TAPS)
         cache_started = time.time()
@@ -145,12 +114,7 @@ def main() -> None:
         for v, r in results.items()
     }
     result = {
-        "benchmark": "variants",
-        "machine": machine_info(),
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-        "total_s": round(time.time() - started, 1),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **machine.result_head("variants", args, load_start, time.time() - started),
         "config": base.model_dump(mode="json"),
         "setup": {
             "classes": args.classes,
@@ -163,9 +127,7 @@ def main() -> None:
         "figures": figures,
         "runs": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    machine.write_json(args.out, result)
     print(json.dumps({"figures": figures, "setup": result["setup"]}, indent=2))
 
 
