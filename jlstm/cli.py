@@ -4,7 +4,8 @@ end here as one line and an exit code, never a traceback.
 Exit codes: 0 done, 2 config error, a missing file or a split file that cannot be read (or
 `jlstm plan`: does not fit), 3 tracking server unreachable, 4 data error (too many bad
 videos or clips, videos missing under data.root, a cache build where every video failed, a
-stale cache), 5 the run name is being trained by another process, 130 a sweep stopped by
+stale cache), 5 the run name is being trained by another process, 6 a Ray cluster that
+cannot be joined, 130 a sweep stopped by
 Ctrl+C; `jlstm reproduce` 1 when some of its runs failed (the next call resumes them).
 """
 
@@ -21,6 +22,17 @@ from orchestration.cli import add_run_commands
 from orchestration.errors import ConfigError, RunInUse, TrackingUnavailable
 from tune_spaces.cli import add_tune_command
 from tune_spaces.paper_cli import add_paper_commands
+
+# Errors a user can fix, first match wins: (their types, what the line says first, exit code).
+USER_ERRORS: tuple[tuple[tuple[type[Exception], ...], str, int], ...] = (
+    ((ConfigError,), "config error: ", 2),
+    ((FileNotFoundError,), "", 2),
+    ((SplitFileError,), "split file error: ", 2),
+    ((TrackingUnavailable,), "", 3),
+    ((BadDataError, StaleCacheError), "data error: ", 4),
+    ((RunInUse,), "", 5),
+    ((ClusterUnavailable,), "", 6),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,24 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"jlstm: config error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
-        print(f"jlstm: {err}", file=sys.stderr)
-        return 2
-    except SplitFileError as err:
-        print(f"jlstm: split file error: {err}", file=sys.stderr)
-        return 2
-    except TrackingUnavailable as err:
-        print(f"jlstm: {err}", file=sys.stderr)
-        return 3
-    except (BadDataError, StaleCacheError) as err:
-        print(f"jlstm: data error: {err}", file=sys.stderr)
-        return 4
-    except RunInUse as err:
-        print(f"jlstm: {err}", file=sys.stderr)
-        return 5
-    except ClusterUnavailable as err:
-        print(f"jlstm: {err}", file=sys.stderr)
-        return 6
+    except tuple(kind for kinds, _, _ in USER_ERRORS for kind in kinds) as err:
+        prefix, code = next((p, c) for kinds, p, c in USER_ERRORS if isinstance(err, kinds))
+        print(f"jlstm: {prefix}{err}", file=sys.stderr)
+        return code

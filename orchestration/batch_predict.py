@@ -145,28 +145,15 @@ def _stat(name: str, path: Path) -> VideoFile:
 
 
 def model_version(model_uri: str) -> str:
-    """What identifies the model's weights: `name/version` for a registered model (an alias
-    or stage resolved now), else the URI itself (runs:/..., a logged model's id)."""
+    """`registry.resolve_version`, a model the store lacks as one ConfigError line."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    if not model_uri.startswith("models:/"):
-        return model_uri
-    ref = model_uri.removeprefix("models:/").rstrip("/")
-    client = MlflowClient()
+    from orchestration.registry import resolve_version
+
     try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
-        if "/" not in ref:
-            return model_uri
-        name, which = ref.rsplit("/", 1)
-        if which.isdigit():
-            return f"{name}/{client.get_model_version(name, which).version}"
-        latest = client.get_latest_versions(name, stages=[which])
+        return resolve_version(model_uri)
     except MlflowException as err:
         raise ConfigError(f"--model {model_uri}: {one_line(err)}") from None
-    return f"{name}/{latest[0].version}" if latest else model_uri
 
 
 # --- the Parquet dataset: rows already there, parts appended -------------------------------

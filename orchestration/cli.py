@@ -36,17 +36,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def add_overrides_arg(
+    parser: argparse.ArgumentParser,
+    help: str = "override a config key, e.g. --set train.epochs=3 (repeatable)",
+) -> None:
+    """`--set KEY=VALUE` (repeatable) into `args.overrides`: every command that reads a
+    config takes it alike."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=3 (repeatable)",
-    )
+    add_overrides_arg(parser)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from orchestration.config import load_config
-    from orchestration.driver import print_results, train_splits
+    from orchestration.run import print_results, train_splits
 
     cfg = load_config(args.config, args.overrides)
     if args.new_run:  # a fresh run (and Ray Train folder) beside the one of this name
@@ -290,17 +298,14 @@ def add_run_commands(commands: Any, data_commands: Any) -> None:
         "--config", help="run config: cluster.use_gpu (a GPU per scoring actor), "
         "data.decode_timeout_s",
     )
-    predict.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a key of --config (repeatable)",
-    )
+    add_overrides_arg(predict, "override a key of --config (repeatable)")
     predict.set_defaults(func=_cmd_predict)
 
     demo = commands.add_parser(
         "demo", help="synthetic videos -> index -> features -> 2-worker training -> MLflow"
     )
     demo.add_argument("--workdir", default="runs/demo", help="where the demo's data goes")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides_arg(demo)
     demo.set_defaults(func=_cmd_demo)
     plan = commands.add_parser(
         "plan", help="dry run: where the workers go, what Ray Data keeps, how big an epoch is"

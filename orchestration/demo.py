@@ -16,9 +16,9 @@ from data_shards.splits import class_names
 from data_shards.synth import synthesize_dataset
 from data_shards.targets import TARGETS_FILE
 from orchestration.config import load_config
-from orchestration.driver import print_results, train_splits
 from orchestration.metrics import ATTENTION_ON_TARGET, VIDEO_TOP1_VOTE
 from orchestration.resources import feature_pool, live_nodes
+from orchestration.run import print_results, train_splits
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_CLASSES = 4

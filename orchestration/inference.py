@@ -100,7 +100,8 @@ def evaluate_distributed(
     if result.checkpoint is None:
         raise RuntimeError(f"evaluation of {cfg.data.dataset} finished without a report")
     check_test_clips_scored(
-        result, f"evaluation of {cfg.data.dataset} split {cfg.data.split}",
+        result.metrics, result.checkpoint,
+        f"evaluation of {cfg.data.dataset} split {cfg.data.split}",
         f"{BAD_CLIPS_FILE} in {result.checkpoint.path}",
     )
     with result.checkpoint.as_directory() as ckpt_dir:

@@ -266,12 +266,12 @@ def _set_champion(client: MlflowClient, registered_name: str, version: str) -> N
 
 
 def describe_version(
-    client: MlflowClient, name: str, version: str, cfg: JlstmConfig, final: dict[str, float],
-    digest: str,
+    name: str, version: str, cfg: JlstmConfig, final: dict[str, float], digest: str
 ) -> None:
     """What a user browsing the registry reads: the model's and the version's description
     (variant, dataset, split, digest, test figures, the champion rule, the predict and serve
     lines)."""
+    client = MlflowClient()
     uri = f"models:/{name}@{CHAMPION_ALIAS}"
     predict = f"jlstm predict VIDEO --model {uri}"
     serve = f"mlflow models serve -m {uri} --env-manager local"
@@ -293,3 +293,54 @@ def describe_version(
         f"{int(final[VAL_VIDEOS_SCORED])} test videos; run {cfg.resolved_run_name()}. "
         f"Predict: `{predict}`"
     ))
+
+
+def log_run_model(
+    run_id: str, net: torch.nn.Module, cfg: JlstmConfig, class_names: list[str],
+    final: dict[str, float], dataset_digest: str,
+) -> tuple[str | None, bool]:
+    """A finished run's model logged to its MLflow run `run_id`; with
+    `tracking.register_model`, registered (`tracking.registered_model`, else
+    `jlstm-<dataset>`), tagged and described, and `champion` moved when it beats the holder
+    (`promote_if_better`). Returns (the version or None, whether it is champion now)."""
+    registered = None
+    if cfg.tracking.register_model:
+        registered = cfg.tracking.registered_model or registered_model_name(cfg.data.dataset)
+    with mlflow.start_run(run_id=run_id):  # the pyfunc is logged to the active run
+        info = log_model(
+            net, net.cfg, class_names, registered_model_name=registered,
+            frame_interval=cfg.data.frame_interval,
+            clip_stride=cfg.data.eval_stride_for(net.cfg.clip_len),
+        )
+    if not registered:
+        return None, False
+    version = str(info.registered_model_version)
+    promoted = promote_if_better(
+        registered, version, split=cfg.data.split, video_top1=final[VIDEO_TOP1_VOTE],
+        test_videos=int(final[VAL_VIDEOS_SCORED]), dataset_digest=dataset_digest,
+    )
+    describe_version(registered, version, cfg, final, dataset_digest)
+    return version, promoted
+
+
+def resolve_version(model_uri: str) -> str:
+    """What identifies a model's weights: `name/version` for a registered model (an alias
+    or stage resolved now), else the URI itself (runs:/..., a logged model's id).
+
+    Raises:
+        MlflowException: the store has no such model, version or alias.
+    """
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    ref = model_uri.removeprefix("models:/").rstrip("/")
+    client = MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
+    if "/" not in ref:
+        return model_uri
+    name, which = ref.rsplit("/", 1)
+    if which.isdigit():
+        return f"{name}/{client.get_model_version(name, which).version}"
+    latest = client.get_latest_versions(name, stages=[which])
+    return f"{name}/{latest[0].version}" if latest else model_uri

@@ -92,6 +92,18 @@ def connect() -> str:
     return uri
 
 
+def use(uri: str) -> str:
+    """Point MLflow at `uri` as given; returns it. A Tune trial's actor takes the driver's
+    URI this way: it does not see the driver's environment."""
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def current_uri() -> str:
+    """The URI MLflow logs to in this process (`connect` or `use` set it)."""
+    return mlflow.get_tracking_uri()
+
+
 def _sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///...` URI (None for in-memory or other stores)."""
     if not uri.startswith("sqlite:///"):
@@ -143,6 +155,7 @@ def flatten_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 # One run's lifecycle: found or created by its run name, inputs, per-epoch metrics.
 RUN_NAME_TAG = "jlstm.run_name"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under its parent
 # Set once a run's final model is logged: re-running a finished run name logs nothing twice.
 FINISHED_TAG = "jlstm.finished_epoch"
 VERSION_TAG = "jlstm.model_version"
@@ -177,7 +190,7 @@ def start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -
         "variant": cfg.variant,
     }
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+        tags[PARENT_TAG] = parent_run_id
     return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
 
@@ -260,6 +273,92 @@ def tracked_run(
     end_run(run_id, run.status)
 
 
+# The store's runs as the rest of the package reads and writes them: every MLflow call outside
+# this module, `orchestration.registry` and `orchestration.epoch_logger` goes through these.
+
+
+def get_run(run_id: str) -> mlflow.entities.Run:
+    """Run `run_id` as the store has it (info, params, metrics' latest values, tags)."""
+    return MlflowClient().get_run(run_id)
+
+
+def experiment_id_of(name: str) -> str | None:
+    """The id of experiment `name`, or None when the store has none of that name."""
+    found = mlflow.get_experiment_by_name(name)
+    return found.experiment_id if found else None
+
+
+def search_runs(
+    experiment_id: str,
+    *,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    status: str | None = None,
+    newest_first: bool = False,
+    max_results: int = 10000,
+) -> list[mlflow.entities.Run]:
+    """The runs of `experiment_id` with every tag of `tags`, the parent `parent_run_id` and
+    the status `status` (each when given), oldest first unless `newest_first`."""
+    terms = [f"tags.`{key}` = '{value}'" for key, value in (tags or {}).items()]
+    if parent_run_id:
+        terms.append(f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    if status:
+        terms.append(f"attributes.status = '{status}'")
+    order = "DESC" if newest_first else "ASC"
+    return MlflowClient().search_runs(
+        [experiment_id], filter_string=" and ".join(terms),
+        order_by=[f"attributes.start_time {order}"], max_results=max_results,
+    )
+
+
+def create_run(
+    experiment_id: str, name: str, tags: dict[str, str], params: dict[str, str] | None = None
+) -> str:
+    """A new run (RUNNING) named `name` with `tags` and `params`; returns its id."""
+    client = MlflowClient()
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    entries = [mlflow.entities.Param(k, v) for k, v in (params or {}).items()]
+    for start in range(0, len(entries), PARAMS_PER_REQUEST):
+        client.log_batch(run_id, params=entries[start : start + PARAMS_PER_REQUEST])
+    return run_id
+
+
+def resume_run(run_id: str) -> None:
+    """Mark an existing run RUNNING again (a re-run, a resumed sweep takes it up)."""
+    MlflowClient().update_run(run_id, status="RUNNING")
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    """Set every tag of `tags` on run `run_id` (one request)."""
+    MlflowClient().log_batch(
+        run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()]
+    )
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log `metrics` at `step` on run `run_id` (one request)."""
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(
+        run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step)
+                         for k, v in sorted(metrics.items())],
+    )
+
+
+def log_artifacts(run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+    """Upload files (or whole folders' contents) to run `run_id`, under `artifact_path`."""
+    client = MlflowClient()
+    for path in paths:
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            client.log_artifact(run_id, str(path), artifact_path)
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """Every (step, value) run `run_id` logged for metric `key`."""
+    return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
+
+
 def log_evaluation(
     model_uri: str, metrics: dict[str, float], report_dir: str | Path
 ) -> str:
@@ -279,12 +378,8 @@ def log_evaluation(
         tags={EVALUATED_MODEL_TAG: model_uri, EVALUATED_RUN_TAG: trained_by},
     ).info.run_id
     with tracked_run(run_id=run_id):
-        now = int(time.time() * 1000)
-        client.log_batch(
-            run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0)
-                             for k, v in sorted(metrics.items())],
-        )
-        client.log_artifacts(run_id, str(report_dir), "evaluation")
+        log_metrics(run_id, metrics)
+        log_artifacts(run_id, [Path(report_dir)], "evaluation")
     return run_id
 
 

@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from tiny_run import tiny_config
 
@@ -33,7 +34,7 @@ from data_shards.synth import synthesize_dataset
 from jlstm import cli
 from orchestration import registry, tracking
 from orchestration.config import load_config, validate_config
-from orchestration.driver import train_split
+from orchestration.run import train_split
 
 pytestmark = pytest.mark.slow  # each test trains a tiny model on local Ray (1-2 min)
 
@@ -160,12 +161,15 @@ def test_a_video_broken_after_indexing_is_reported_and_the_run_finishes(
     assert version.tags[registry.TEST_VIDEOS_TAG] == str(test_videos - 1)
 
 
-def test_a_run_whose_clips_mostly_fail_stops_with_one_line(
-    ray_cluster: None, sqlite_tracking: str, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    raw, videos = _indexed(tmp_path / "videos", tmp_path / "ray", "mostly-broken")
+def _train_with_broken(
+    tmp_path: Path, run_name: str, subset: str, capsys: pytest.CaptureFixture
+) -> tuple[str, Run]:
+    """`jlstm train` of a tiny set whose `subset` videos break after indexing: it must exit
+    4 with one data-error line naming epoch 1 and the bad-clips artifact, its one MLflow
+    run FAILED. Returns that line and the run."""
+    raw, videos = _indexed(tmp_path / "videos", tmp_path / "ray", run_name)
     for video in videos:
-        if video["subset"] == "train":
+        if video["subset"] == subset:
             _break(video)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -175,13 +179,20 @@ def test_a_run_whose_clips_mostly_fail_stops_with_one_line(
     err = capsys.readouterr().err
     message = err.strip().splitlines()[-1]
     assert "Traceback" not in err and message.startswith("jlstm: data error: epoch 1:")
-    assert "100.0%" in message and "data.max_bad_fraction = 0.05" in message
     assert "bad_clips/epoch_001.csv" in message
     runs = MlflowClient().search_runs(
         [tracking.get_or_create_experiment(raw["tracking"]["experiment"])]
     )
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert runs[0].data.metrics["train_bad_clip_fraction"] == 1.0
+    return message, runs[0]
+
+
+def test_a_run_whose_clips_mostly_fail_stops_with_one_line(
+    ray_cluster: None, sqlite_tracking: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    message, run = _train_with_broken(tmp_path, "mostly-broken", "train", capsys)
+    assert "100.0%" in message and "data.max_bad_fraction = 0.05" in message
+    assert run.data.metrics["train_bad_clip_fraction"] == 1.0
 
 
 def test_a_run_that_can_score_no_test_clip_stops_with_one_line(
@@ -190,25 +201,9 @@ def test_a_run_that_can_score_no_test_clip_stops_with_one_line(
     """Every test video broken after indexing: evaluation scores nothing, and the user gets
     the one line and exit 4 naming the first failed clip (once a traceback from inside
     the evaluation), with the MLflow run FAILED."""
-    raw, videos = _indexed(tmp_path / "videos", tmp_path / "ray", "no-test-clip")
-    for video in videos:
-        if video["subset"] == "test":
-            _break(video)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(raw))
-
-    assert cli.main(["train", "--config", str(config)]) == 4
-
-    err = capsys.readouterr().err
-    message = err.strip().splitlines()[-1]
-    assert "Traceback" not in err and message.startswith("jlstm: data error: epoch 1:")
+    message, run = _train_with_broken(tmp_path, "no-test-clip", "test", capsys)
     assert "none of the test clips could be scored" in message
-    assert "bad_clips/epoch_001.csv" in message
-    runs = MlflowClient().search_runs(
-        [tracking.get_or_create_experiment(raw["tracking"]["experiment"])]
-    )
-    assert [r.info.status for r in runs] == ["FAILED"]
-    assert runs[0].data.metrics["val_videos_scored"] == 0
+    assert run.data.metrics["val_videos_scored"] == 0
 
 
 def _cached_run(folder: Path, run_name: str, cache: str) -> Path:

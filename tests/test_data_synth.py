@@ -148,29 +148,21 @@ def test_synth_from_splits_gives_every_class_its_own_motion() -> None:
     )
 
 
+def _synth_from_ucf_lists(
+    out: Path, flags: list[str], timeout_s: float
+) -> subprocess.CompletedProcess:
+    """`python -m data_shards.cli synth --out OUT --splits-from <UCF101's lists> FLAGS`."""
+    return subprocess.run(
+        [sys.executable, "-m", "data_shards.cli", "synth", "--out", str(out),
+         "--splits-from", str(UCF_LISTS), *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
+    )
+
+
 @pytest.mark.slow
 def test_cli_synth_from_splits_at_ucf101_video_count(tmp_path: Path) -> None:
     """All of UCF101's listed videos, in the publisher's layout, as the index lists them."""
-    synth = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_shards.cli",
-            "synth",
-            "--out",
-            str(tmp_path),
-            "--splits-from",
-            str(UCF_LISTS),
-            "--frame-size",
-            "32",
-            "--num-frames",
-            "2",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    synth = _synth_from_ucf_lists(tmp_path, ["--frame-size", "32", "--num-frames", "2"], 900)
     assert synth.returncode == 0, synth.stderr
     assert f"wrote {UCF_VIDEOS} videos" in synth.stdout
     for split in (1, 2, 3):
@@ -184,24 +176,7 @@ def test_cli_synth_from_splits_at_ucf101_video_count(tmp_path: Path) -> None:
 
 
 def test_cli_synth_refuses_flags_the_split_lists_decide(tmp_path: Path) -> None:
-    refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_shards.cli",
-            "synth",
-            "--out",
-            str(tmp_path),
-            "--splits-from",
-            str(UCF_LISTS),
-            "--classes",
-            "3",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = _synth_from_ucf_lists(tmp_path, ["--classes", "3"], 60)
     assert refused.returncode == 2 and "drop --classes" in refused.stderr
     assert not (tmp_path / "UCF-101").exists()
 

@@ -32,7 +32,6 @@ from orchestration import registry, tracking
 from orchestration.batching import steps_per_epoch
 from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, validate_config
-from orchestration.driver import train_split
 from orchestration.metrics import (
     TRAIN_GLOBAL_BATCH,
     TRAIN_STEPS,
@@ -40,6 +39,7 @@ from orchestration.metrics import (
     VAL_VIDEOS_UNSCORED,
     WORLD_SIZE,
 )
+from orchestration.run import train_split
 
 pytestmark = pytest.mark.slow
 EPOCHS = 14  # long enough to shrink and grow back within the run (it took 7 epochs here)

@@ -146,3 +146,28 @@ def test_data_shards_takes_a_clip_spec_not_the_model_config() -> None:
         )
     ]
     assert not wrong
+
+
+# The tracking interface: only these build an MLflow client or call `mlflow.*`; the pyfunc
+# (`mlflow_model.py`) is MLflow's own kind of code. Other files may import its exceptions.
+MLFLOW_OWNERS = {"orchestration.tracking", "orchestration.registry",
+                 "orchestration.epoch_logger", "orchestration.mlflow_model"}
+
+
+def test_mlflow_is_reached_through_the_tracking_interface() -> None:
+    reaching = []
+    for layer in LAYERS:
+        for path in (REPO / layer).rglob("*.py"):
+            if _module_name(path) in MLFLOW_OWNERS:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                reaching += [
+                    f"{_module_name(path)}:{node.lineno} imports {name}" for name in names
+                    if name.split(".")[0] == "mlflow" and name != "mlflow.exceptions"
+                ]
+    assert not reaching

@@ -37,10 +37,10 @@ from model import ModelConfig
 from orchestration import registry
 from orchestration.checkpoint import TrainState
 from orchestration.config import ClusterConfig, JlstmConfig, validate_config
-from orchestration.driver import SplitResult, train_split
 from orchestration.errors import ConfigError
 from orchestration.inference import evaluate_distributed, evaluate_model
 from orchestration.resources import NodeShape, live_nodes, plan_live, plan_resources
+from orchestration.run import SplitResult, train_split
 from orchestration.session import check_nodes_see_run
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ from jlstm import cli
 from orchestration import registry, tracking
 from orchestration.checkpoint import TrainState
 from orchestration.config import validate_config
-from orchestration.driver import SplitResult, train_split
+from orchestration.run import SplitResult, train_split
 
 REPO = Path(__file__).resolve().parent.parent
 

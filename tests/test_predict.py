@@ -103,6 +103,12 @@ def predict(*args: str) -> int:
     return main(["predict", *map(str, args)])
 
 
+def predicted(source: Path, out: Path, *flags: str) -> dict[str, dict]:
+    """`jlstm predict source --out out` with `URI`, which must exit 0; the rows by video."""
+    assert predict(source, "--model", URI, "--out", out, *flags) == 0
+    return rows_of(out)
+
+
 def rows_of(out: Path) -> dict[str, dict]:
     table = pq.read_table(out, schema=SCHEMA)
     rows = {row["video"]: row for row in table.to_pylist()}
@@ -115,8 +121,7 @@ def test_a_folder_gives_one_row_per_video_and_a_rerun_resumes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "predictions.parquet"
-    assert predict(videos, "--model", URI, "--out", out, "--decode-timeout-s", TIMEOUT_S) == 0
-    rows = rows_of(out)
+    rows = predicted(videos, out, "--decode-timeout-s", TIMEOUT_S)
     assert set(rows) == {
         "good.avi", "more/good2.avi", "noise.avi", "empty.avi", "cut.mp4", "hang.avi"
     }
@@ -148,9 +153,8 @@ def test_a_folder_gives_one_row_per_video_and_a_rerun_resumes(
     assert sorted(out.glob("*.parquet")) == parts
     # A video whose file changed is predicted again; the dataset keeps one row per video.
     write_index_video(videos / "more" / "good2.avi", FRAMES, size=64)
-    assert predict(videos, "--model", URI, "--out", out, "--decode-timeout-s", TIMEOUT_S) == 0
+    again = predicted(videos, out, "--decode-timeout-s", TIMEOUT_S)
     assert "1 predicted" in capsys.readouterr().out
-    again = rows_of(out)
     assert again["more/good2.avi"]["num_clips"] == CLIPS
     assert again["more/good2.avi"]["mtime"] == (videos / "more/good2.avi").stat().st_mtime_ns
     assert {k: v for k, v in again.items() if k != "more/good2.avi"} == {
@@ -173,8 +177,7 @@ def test_a_list_file_and_another_model_onto_its_out(
     listed = videos / "list.txt"
     listed.write_text("# a video and a missing one, under this list's folder\ngood.avi\n\nno.avi\n")
     out = tmp_path / "listed"
-    assert predict(listed, "--model", URI, "--out", out) == 0
-    rows = rows_of(out)
+    rows = predicted(listed, out)
     assert set(rows) == {"good.avi", "no.avi"}
     assert rows["good.avi"]["error"] == "" and "cannot decode" in rows["no.avi"]["error"]
     parts = sorted(out.iterdir())

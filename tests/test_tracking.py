@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -102,17 +102,24 @@ def test_log_model_registers_and_loads_back_identically(
     assert not (local_store / "mlruns").exists()
 
 
+def registered_versions(
+    name: str, info: ModelInfo, count: int
+) -> tuple[MlflowClient, list[str], Callable[[], str]]:
+    """A new registered model `name` with `count` versions of the logged model: the client,
+    the versions, and a function that reads which version holds the champion alias."""
+    client = MlflowClient()
+    client.create_registered_model(name)
+    versions = [client.create_model_version(name, info.model_uri).version for _ in range(count)]
+    return client, versions, lambda: client.get_model_version_by_alias(
+        name, registry.CHAMPION_ALIAS
+    ).version
+
+
 def test_champion_moves_only_on_improvement(
     local_store: Path, logged: tuple[JointAttentionNet, ModelInfo]
 ) -> None:
-    _, info = logged
-    client = MlflowClient()
     name = "jlstm-promotion"
-    client.create_registered_model(name)
-    versions = [client.create_model_version(name, info.model_uri).version for _ in range(7)]
-
-    def champion() -> str:
-        return client.get_model_version_by_alias(name, registry.CHAMPION_ALIAS).version
+    client, versions, champion = registered_versions(name, logged[1], 7)
 
     def promote(version: str, split: int, top1: float, videos: int = 100) -> bool:
         return registry.promote_if_better(
@@ -143,15 +150,8 @@ def test_a_newer_model_format_takes_the_champion_at_an_equal_score(
 ) -> None:
     """An old champion (format 1: clips in, no format tag) goes to the next run of the
     current format that scores as well; nothing else changes the rule."""
-    _, info = logged
-    client = MlflowClient()
     name = "jlstm-format"
-    client.create_registered_model(name)
-    versions = [client.create_model_version(name, info.model_uri).version for _ in range(6)]
-
-    def champion() -> str:
-        return client.get_model_version_by_alias(name, registry.CHAMPION_ALIAS).version
-
+    client, versions, champion = registered_versions(name, logged[1], 6)
     # Registered before formats were tagged: the tags of its time, no format tag.
     for key, value in (("split", "1"), ("video_top1", "0.8"), ("test_videos", "100"),
                        ("dataset_digest", "d1")):

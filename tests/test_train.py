@@ -39,7 +39,7 @@ from jlstm.cli import main as jlstm_main
 from orchestration import registry
 from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, validate_config
-from orchestration.driver import SplitResult, train_split
+from orchestration.run import SplitResult, train_split
 from orchestration.tracking import FINISHED_TAG
 
 REPO = Path(__file__).resolve().parent.parent

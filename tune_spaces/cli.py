@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from orchestration.cli import add_overrides_arg
+
 if TYPE_CHECKING:
     from tune_spaces.results import SweepResult
 
@@ -51,8 +53,7 @@ def add_tune_command(commands: Any) -> None:
         "--resume", action="store_true",
         help="continue an interrupted sweep (Tuner.restore); finished trials are not rerun",
     )
-    tune.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a sweep key (num_samples=8) or a run config key (train.epochs=3)",
+    add_overrides_arg(
+        tune, "override a sweep key (num_samples=8) or a run config key (train.epochs=3)"
     )
     tune.set_defaults(func=_cmd_tune)

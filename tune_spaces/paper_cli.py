@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from orchestration.cli import add_overrides_arg
 from tune_spaces.paper import DATASETS, TABLES
 
 
@@ -92,9 +93,8 @@ def add_paper_commands(commands: Any) -> None:
                            help="with --synthetic: where the videos and caches go")
     reproduce.add_argument("--experiment", help="MLflow experiment (default: jlstm-reproduce, "
                            "or jlstm-reproduce-synthetic)")
-    reproduce.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a key of every run's config, e.g. --set train.epochs=2",
+    add_overrides_arg(
+        reproduce, "override a key of every run's config, e.g. --set train.epochs=2"
     )
     reproduce.set_defaults(func=_cmd_reproduce)
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from mlflow.tracking import MlflowClient
 
 from orchestration import tracking
 from tune_spaces.paper import METRIC, TABLES, PaperTable
@@ -151,23 +150,17 @@ def plot_report(
     return path
 
 
-def find_parent(client: MlflowClient, experiment_id: str) -> str | None:
+def find_parent(experiment_id: str) -> str | None:
     """The experiment's reproduce parent run (the newest, should there be several)."""
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{KIND_TAG}` = '{REPRODUCE_KIND}'",
-        order_by=["attributes.start_time DESC"], max_results=1,
+    found = tracking.search_runs(
+        experiment_id, tags={KIND_TAG: REPRODUCE_KIND}, newest_first=True, max_results=1
     )
     return found[0].info.run_id if found else None
 
 
-def read_figures(client: MlflowClient, experiment_id: str, parent_id: str) -> list[RunFigure]:
+def read_figures(experiment_id: str, parent_id: str) -> list[RunFigure]:
     """The figures of the parent's finished child runs (final model logged: FINISHED_TAG)."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and "
-        "attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"], max_results=10000,
-    )
+    runs = tracking.search_runs(experiment_id, parent_run_id=parent_id, status="FINISHED")
     figures = {}
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
@@ -192,10 +185,9 @@ class Report:
 def build_report(experiment: str, table_numbers: Sequence[int] | None = None) -> Report:
     """The report of `experiment`'s reproduce runs (every row "not run" without a parent)."""
     tracking.connect()
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    parent = find_parent(client, found.experiment_id) if found else None
-    figures = read_figures(client, found.experiment_id, parent) if found and parent else []
+    experiment_id = tracking.experiment_id_of(experiment)
+    parent = find_parent(experiment_id) if experiment_id else None
+    figures = read_figures(experiment_id, parent) if experiment_id and parent else []
     tables = [TABLES[n] for n in (table_numbers or sorted(TABLES))]
     rows = report_rows(tables, figures)
     return Report(experiment, parent, rows, to_markdown(rows, tables))
@@ -206,10 +198,8 @@ def log_report(report: Report, table_numbers: Sequence[int] | None = None) -> No
     if report.parent_run_id is None:
         return
     tables = [TABLES[n] for n in (table_numbers or sorted(TABLES))]
-    client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         markdown = Path(tmp) / MARKDOWN_FILE
         markdown.write_text(report.markdown)
         png = plot_report(report.rows, tables, Path(tmp) / PNG_FILE)
-        for path in (markdown, png):
-            client.log_artifact(report.parent_run_id, str(path), REPORT_DIR)
+        tracking.log_artifacts(report.parent_run_id, [markdown, png], REPORT_DIR)

@@ -31,8 +31,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
-
 from data_shards.targets import TARGETS_FILE
 from model.config import VARIANTS
 from orchestration import tracking
@@ -184,18 +182,16 @@ def select_runs(
     return keys
 
 
-def _parent_run(client: MlflowClient, experiment_id: str) -> str:
+def _parent_run(experiment_id: str) -> str:
     """The experiment's reproduce parent run, RUNNING again; created on the first call."""
-    parent = find_parent(client, experiment_id)
+    parent = find_parent(experiment_id)
     if parent is not None:
-        client.update_run(parent, status="RUNNING")
+        tracking.resume_run(parent)
         return parent
-    run = client.create_run(experiment_id, run_name="reproduce",
-                            tags={KIND_TAG: REPRODUCE_KIND})
-    return run.info.run_id
+    return tracking.create_run(experiment_id, "reproduce", tags={KIND_TAG: REPRODUCE_KIND})
 
 
-def _is_finished(client: MlflowClient, cfg: JlstmConfig, experiment_id: str) -> bool:
+def _is_finished(cfg: JlstmConfig, experiment_id: str) -> bool:
     """Whether `cfg`'s run is FINISHED with its model logged; a run of its name with
     another config is a ConfigError (its figure would not be this config's)."""
     run_id = tracking.find_run(cfg, experiment_id)
@@ -208,7 +204,7 @@ def _is_finished(client: MlflowClient, cfg: JlstmConfig, experiment_id: str) -> 
             f"trained with another config ({differ}): reproduce into another experiment "
             "(--experiment NAME) or drop the --set that differs"
         )
-    run = client.get_run(run_id)
+    run = tracking.get_run(run_id)
     return (run.info.status == "FINISHED"
             and run.data.tags.get(tracking.FINISHED_TAG) == str(cfg.train.epochs))
 
@@ -271,10 +267,9 @@ def reproduce(
             preflight(cfg, check_cache=False)  # the cache is built below when missing
     uri = tracking.connect()
     experiment_id = tracking.get_or_create_experiment(experiment)
-    client = MlflowClient()
-    skipped = [name for name, cfg in cfgs.items() if _is_finished(client, cfg, experiment_id)]
+    skipped = [name for name, cfg in cfgs.items() if _is_finished(cfg, experiment_id)]
     todo = {name: cfg for name, cfg in cfgs.items() if name not in skipped}
-    parent = _parent_run(client, experiment_id)
+    parent = _parent_run(experiment_id)
     result = ReproduceResult(experiment, parent, sorted(todo), skipped)
     with tracking.tracked_run(run_id=parent) as parent_run:
         if todo:
@@ -335,9 +330,7 @@ def _schedule(
         )
         grid = tuner.fit()
     # Read back from MLflow, not from the grid: a run Ctrl+C stopped has no error there.
-    client = MlflowClient()
-    failed = sorted(name for name, cfg in todo.items()
-                    if not _is_finished(client, cfg, experiment_id))
+    failed = sorted(name for name, cfg in todo.items() if not _is_finished(cfg, experiment_id))
     for name in failed:
         log.error("run %s did not finish: see %s (the next call resumes it)", name, grid)
     return failed, plan.concurrent_runs

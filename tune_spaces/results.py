@@ -1,7 +1,7 @@
 """What a sweep leaves behind: the trials table, each trial run's status, the best model.
 
 Once the Tuner returns, each trial's nested MLflow run gets its status (and is closed if
-ASHA stopped it), the best trial's last checkpoint goes through `finish_run` (evaluation
+ASHA stopped it), the best trial's last checkpoint goes through `Run.finish` (evaluation
 artifacts, plots, registered model, champion rule) and the parent run gets the best
 trial, the trials table and the metric plot.
 """
@@ -16,13 +16,12 @@ from typing import Any
 import pandas as pd
 import ray.train
 import yaml
-from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestration import tracking
 from orchestration.config import JlstmConfig, validate_config
-from orchestration.driver import SplitResult, finish_run, finishing_data
 from orchestration.metrics import ATTENTION_ON_TARGET, VIDEO_TOP1_VOTE, loss_metric
+from orchestration.run import Run, SplitResult
 from tune_spaces.report import (
     FUSION_KEY,
     LAMBDA_KEY,
@@ -69,9 +68,8 @@ def finish_sweep(
 ) -> SweepResult:
     """The sweep's result from the Tuner's `grid`; unless interrupted, every trial run's
     status, the best trial's model registered and the parent run's summary."""
-    client = MlflowClient()
-    experiment_id = client.get_run(parent_id).info.experiment_id
-    runs = _trial_runs(client, experiment_id, parent_id)
+    experiment_id = tracking.get_run(parent_id).info.experiment_id
+    runs = _trial_runs(experiment_id, parent_id)
     table = _trials_table(sweep, base, base_raw, grid, runs)
     result = SweepResult(
         path, uri, parent_id, table, _interrupted(path, sweep.num_trials), sweep.metric
@@ -82,12 +80,12 @@ def finish_sweep(
         return result
     for row in table.itertuples():
         if row.mlflow_run_id:
-            client.set_tag(row.mlflow_run_id, STATUS_TAG, _status(row))
+            tracking.set_tags(row.mlflow_run_id, {STATUS_TAG: _status(row)})
             # The grid says how each trial ended. A trial ASHA stopped was torn down inside
             # its `tracked_run`: left RUNNING, or ended FAILED when Train's fit raised as
             # Tune stopped it; it ran its epochs and ends FINISHED.
             wanted = "FAILED" if row.status == "error" else "FINISHED"
-            if client.get_run(row.mlflow_run_id).info.status != wanted:
+            if tracking.get_run(row.mlflow_run_id).info.status != wanted:
                 tracking.end_run(row.mlflow_run_id, wanted)
     best = grid.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="last",
                                 filter_nan_and_inf=True)
@@ -98,7 +96,7 @@ def finish_sweep(
     result.best_metric = float(best.metrics[sweep.metric])
     result.best_values = sweep.decode(best.config)
     result.best = _register_best(base_raw, result, best, runs[best_id], sweep)
-    _log_parent(client, sweep, result, parent_id)
+    _log_parent(sweep, result, parent_id)
     return result
 
 
@@ -143,12 +141,9 @@ def _trials_table(
     return pd.DataFrame(rows)
 
 
-def _trial_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> dict[str, str]:
+def _trial_runs(experiment_id: str, parent_id: str) -> dict[str, str]:
     """trial id -> its nested MLflow run id."""
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-        max_results=10000,
-    )
+    runs = tracking.search_runs(experiment_id, parent_run_id=parent_id)
     return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
 
 
@@ -173,24 +168,24 @@ def _status(row: Any) -> str:
 def _register_best(
     base_raw: dict[str, Any], result: SweepResult, best: Any, run_id: str, sweep: SweepConfig
 ) -> SplitResult:
-    """`finish_run` on the best trial's last checkpoint: artifacts, model, champion rule."""
+    """`Run.finish` on the best trial's last checkpoint: artifacts, model, champion rule."""
     cfg = validate_config(trial_raw(base_raw, result.best_values or {}))
-    data, digest = finishing_data(cfg)
     checkpoint = ray.train.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY])
-    return finish_run(cfg, run_id, checkpoint, data, digest)
+    return Run(cfg, preflighted=True).finish(run_id, checkpoint)
 
 
-def _log_parent(
-    client: MlflowClient, sweep: SweepConfig, result: SweepResult, parent_id: str
-) -> None:
+def _log_parent(sweep: SweepConfig, result: SweepResult, parent_id: str) -> None:
     """Best trial, ASHA's saving, the trials table and the metric plot on the parent run."""
-    client.set_tag(parent_id, "jlstm.best_trial_id", result.best_trial_id or "")
+    tags = {"jlstm.best_trial_id": result.best_trial_id or ""}
     if result.best and result.best.model_version:
-        client.set_tag(parent_id, "jlstm.best_model_version", result.best.model_version)
-    client.log_metric(parent_id, f"best_{sweep.metric}", result.best_metric or float("nan"))
-    client.log_metric(parent_id, "trials", len(result.trials))
-    client.log_metric(parent_id, "trial_epochs_run", result.trial_epochs_run)
-    client.log_metric(parent_id, "trial_epochs_full", result.trial_epochs_full)
+        tags["jlstm.best_model_version"] = result.best.model_version
+    tracking.set_tags(parent_id, tags)
+    tracking.log_metrics(parent_id, {
+        f"best_{sweep.metric}": result.best_metric or float("nan"),
+        "trials": len(result.trials),
+        "trial_epochs_run": result.trial_epochs_run,
+        "trial_epochs_full": result.trial_epochs_full,
+    })
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "trials.csv"
         result.trials.to_csv(table, index=False)
@@ -201,15 +196,14 @@ def _log_parent(
             Path(tmp) / "metric_vs_lambda_zeta.png",
         )
         curves = plot_epoch_curves(
-            _epoch_curves(client, sweep, result.trials), list(CURVE_METRICS),
+            _epoch_curves(sweep, result.trials), list(CURVE_METRICS),
             Path(tmp) / "epoch_curves.png",
         )
-        for artifact in (table, best, plot, curves):
-            client.log_artifact(parent_id, str(artifact))
+        tracking.log_artifacts(parent_id, [table, best, plot, curves])
 
 
 def _epoch_curves(
-    client: MlflowClient, sweep: SweepConfig, trials: pd.DataFrame
+    sweep: SweepConfig, trials: pd.DataFrame
 ) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Each trial's CURVE_METRICS per epoch, read back from its MLflow run, labelled by
     its swept values."""
@@ -222,8 +216,7 @@ def _epoch_curves(
                                                                        strict=True))
         label = f"{row.trial_id}: {swept}"  # repetitions of one grid point stay apart
         curves[label] = {
-            metric: [(m.step, m.value) for m in client.get_metric_history(row.mlflow_run_id,
-                                                                          metric)]
+            metric: tracking.metric_history(row.mlflow_run_id, metric)
             for metric in CURVE_METRICS
         }
     return curves

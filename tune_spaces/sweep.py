@@ -13,7 +13,6 @@ import logging
 from typing import Any
 
 import ray
-from mlflow.tracking import MlflowClient
 from ray import tune
 
 from data_shards.cluster import init_ray
@@ -92,22 +91,19 @@ def _experiment_path(sweep: SweepConfig, base: JlstmConfig) -> tuple[str, str]:
     return storage, f"{storage.rstrip('/')}/{sweep.name}"
 
 
-def _parent_run(
-    client: MlflowClient, sweep: SweepConfig, experiment_id: str, path: str, resume: bool
-) -> str:
+def _parent_run(sweep: SweepConfig, experiment_id: str, path: str, resume: bool) -> str:
+    """The sweep's parent run: with `resume`, the newest one of this experiment path."""
     if resume:
-        found = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{path}'",
-            order_by=["attributes.start_time DESC"], max_results=1,
+        found = tracking.search_runs(
+            experiment_id, tags={SWEEP_TAG: path}, newest_first=True, max_results=1
         )
         if found:
             return found[0].info.run_id
-    run = client.create_run(
-        experiment_id, run_name=sweep.name, tags={SWEEP_TAG: path, "jlstm.kind": "sweep"}
+    params = tracking.flatten_params(sweep.model_dump(mode="json"))
+    return tracking.create_run(
+        experiment_id, sweep.name, tags={SWEEP_TAG: path, "jlstm.kind": "sweep"},
+        params={f"sweep.{key}": value[:6000] for key, value in params.items()},
     )
-    for key, value in tracking.flatten_params(sweep.model_dump(mode="json")).items():
-        client.log_param(run.info.run_id, f"sweep.{key}", value[:6000])
-    return run.info.run_id
 
 
 def run_sweep(sweep: SweepConfig, base_raw: dict[str, Any], resume: bool = False) -> SweepResult:
@@ -138,8 +134,7 @@ def run_sweep(sweep: SweepConfig, base_raw: dict[str, Any], resume: bool = False
     )
     log.info("resource plan: %s", plan)
     ensure_cache(sweep, base)
-    client = MlflowClient()
-    parent_id = _parent_run(client, sweep, experiment_id, path, resume)
+    parent_id = _parent_run(sweep, experiment_id, path, resume)
     fixed = {
         "cluster.cpus_per_worker": plan.cpus_per_worker,
         # Train runs sit beside the Tune experiment, one folder per trial.
