@@ -5,8 +5,8 @@ Exit codes: 0 done, 2 config error, a missing file or a split file that cannot b
 `jlstm plan`: does not fit), 3 tracking server unreachable, 4 data error (too many bad
 videos or clips, videos missing under data.root, a cache build where every video failed, a
 stale cache), 5 the run name is being trained by another process, 6 a Ray cluster that
-cannot be joined, 130 a sweep stopped by
-Ctrl+C; `jlstm reproduce` 1 when some of its runs failed (the next call resumes them).
+cannot be joined, 130 a sweep stopped by Ctrl+C; `jlstm reproduce` 1 when some of its runs
+failed (the next call resumes them).
 """
 
 from __future__ import annotations

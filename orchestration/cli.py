@@ -38,12 +38,12 @@ def _positive_float(text: str) -> float:
 
 def add_overrides_arg(
     parser: argparse.ArgumentParser,
-    help: str = "override a config key, e.g. --set train.epochs=3 (repeatable)",
+    text: str = "override a config key, e.g. --set train.epochs=3 (repeatable)",
 ) -> None:
     """`--set KEY=VALUE` (repeatable) into `args.overrides`: every command that reads a
     config takes it alike."""
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=text
     )
 
 

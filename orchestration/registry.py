@@ -25,7 +25,7 @@ from mlflow.types.schema import Array, Object, Property
 
 import model as model_package
 from data_shards.synth import write_video
-from model import ModelConfig
+from model import JointAttentionNet, ModelConfig
 from orchestration import mlflow_model
 from orchestration.config import JlstmConfig
 from orchestration.metrics import VAL_VIDEOS_SCORED, VIDEO_TOP1_PROB, VIDEO_TOP1_VOTE
@@ -296,7 +296,7 @@ def describe_version(
 
 
 def log_run_model(
-    run_id: str, net: torch.nn.Module, cfg: JlstmConfig, class_names: list[str],
+    run_id: str, net: JointAttentionNet, cfg: JlstmConfig, class_names: list[str],
     final: dict[str, float], dataset_digest: str,
 ) -> tuple[str | None, bool]:
     """A finished run's model logged to its MLflow run `run_id`; with

@@ -76,7 +76,7 @@ class Trained:
 
     checkpoint: ray.train.Checkpoint
     metrics: dict[str, Any]
-    data: RunData
+    data: RunData | None  # None: found finished by a run that stops after fit (unread)
     fitted: bool
 
 
@@ -100,6 +100,7 @@ def finish_run(
         final = {k: float(v) for k, v in history[-1].items() if isinstance(v, int | float)}
         if tags.get(tracking.FINISHED_TAG) == str(state.epoch):
             log.info("run %s already finished at epoch %d: nothing to log", run_id, state.epoch)
+            tracking.end_run(run_id, "FINISHED")  # a re-run marked it RUNNING again
             version = tags.get(tracking.VERSION_TAG)
             return SplitResult(run_id, final, checkpoint.path, version, False)
         tracking.log_artifacts(run_id, [Path(ckpt_dir) / EVAL_DIR], "evaluation")
@@ -115,25 +116,36 @@ def finish_run(
             net, cfg, data.subset("test"), data.class_names, Path(tmp), skip=failed
         )
         tracking.log_artifacts(run_id, plots, "plots")
-    version, promoted = registry.log_run_model(
-        run_id, net, cfg, data.class_names, final, data.digest
-    )
-    done = {tracking.FINISHED_TAG: str(state.epoch)}
-    tracking.set_tags(run_id, done | ({tracking.VERSION_TAG: version} if version else {}))
+    # FAILED if registering fails, whoever finishes the run (a sweep's best trial is not
+    # inside a `Run.execute`'s tracked run).
+    with tracking.tracked_run(run_id=run_id):
+        version, promoted = registry.log_run_model(
+            run_id, net, cfg, data.class_names, final, data.digest
+        )
+        done = {tracking.FINISHED_TAG: str(state.epoch)}
+        tracking.set_tags(run_id, done | ({tracking.VERSION_TAG: version} if version else {}))
     return SplitResult(run_id, final, checkpoint.path, version, promoted)
 
 
-def finished_checkpoint(cfg: JlstmConfig) -> Path | None:
-    """The Train run's last checkpoint when it holds every epoch (local storage only)."""
+def finished_checkpoint(cfg: JlstmConfig) -> tuple[Path, TrainState] | None:
+    """The Train run's last checkpoint and its state, when it holds every epoch (local
+    storage only)."""
     storage = run_storage(cfg)
     if is_uri(storage):
         return None
     run_dir = Path(storage) / cfg.resolved_run_name()
     # Only checkpoint directories holding a state file: an upload cut short may have none.
     checkpoints = sorted(state.parent for state in run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
-    if checkpoints and TrainState.load(checkpoints[-1]).epoch >= cfg.train.epochs:
-        return checkpoints[-1]
-    return None
+    if not checkpoints:
+        return None
+    try:
+        state = TrainState.load(checkpoints[-1])
+    except (OSError, RuntimeError, EOFError, KeyError) as err:
+        # A state file cut short: not finished; Ray Train resumes from what it registered.
+        log.warning("%s does not load (%s): fitting from Ray Train's checkpoint",
+                    checkpoints[-1], err)
+        return None
+    return (checkpoints[-1], state) if state.epoch >= cfg.train.epochs else None
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,9 @@ class Run:
         tracking_uri: the store, as the caller's driver resolved it (a Tune trial's actor
             does not see the driver's environment); None: `tracking.connect()`.
         experiment_id: None: `cfg.tracking.experiment`, created when missing.
-        preflighted: the caller ran `preflight` (and builds a missing cache itself).
+        preflighted: the caller ran `preflight` (and builds a missing cache itself); the
+            check that an existing run of this name logged the same config is skipped too
+            (a trial's name is its own; reproduce compares configs before scheduling).
         data: the data preflight read (None: read when the run prepares its datasets).
         plan: the resource plan (a sweep's, made once for all trials); None: planned here.
         lock_held: the run name's lock is held by the caller, or the name is a trial's own.
@@ -207,19 +221,27 @@ class Run:
             trained = self.found_finished(uri, run.run_id) or self.fit(uri, run.run_id)
             if self.stop_after_fit:
                 return trained
+            # On a run found finished too: a reproduce run whose last epoch failed its
+            # checks is not registered on the next call.
             check_bad_clips(cfg, run.run_id, trained.metrics, trained.checkpoint)
+            assert trained.data is not None  # read unless the run stops after fit
             return parts.finish(cfg, run.run_id, trained.checkpoint, trained.data)
 
     def found_finished(self, uri: str, run_id: str) -> Trained | None:
         """The Train run found holding every epoch (interrupted after training, before
-        MLflow or Tune took its end): nothing to fit; MLflow gets any epoch it missed."""
-        done = finished_checkpoint(self.cfg)
-        if done is None:
+        MLflow or Tune took its end): nothing to fit; MLflow gets any epoch it missed, and
+        a run that goes on to finish its inputs (a new MLflow run of a trained name)."""
+        found = finished_checkpoint(self.cfg)
+        if found is None:
             return None
-        history = TrainState.load(done).history
-        log_missing_epochs(MlflowEpochLogger(uri, run_id), history)
-        data = self.data or self.parts.finished_data(self.cfg)
-        return Trained(ray.train.Checkpoint(str(done)), history[-1], data, fitted=False)
+        done, state = found
+        log_missing_epochs(MlflowEpochLogger(uri, run_id), state.history)
+        data = None
+        if not self.stop_after_fit:  # a trial reports and ends: it needs no data
+            data = self.data or self.parts.finished_data(self.cfg)
+            model_cfg = ModelConfig.model_validate(state.model_config)
+            tracking.log_run_inputs(self.cfg, run_id, model_cfg, data)
+        return Trained(ray.train.Checkpoint(str(done)), state.history[-1], data, fitted=False)
 
     def fit(self, uri: str, run_id: str) -> Trained:
         """Plan, build the datasets, log the inputs, fit the TorchTrainer with every epoch

@@ -331,7 +331,7 @@ def resume_run(run_id: str) -> None:
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
     """Set every tag of `tags` on run `run_id` (one request)."""
     MlflowClient().log_batch(
-        run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()]
+        run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()]
     )
 
 

@@ -22,7 +22,12 @@ from orchestration import tracking
 from orchestration.checkpoint import TrainState
 from orchestration.config import JlstmConfig, validate_config
 from orchestration.driver import PreparedData
-from orchestration.metrics import TRAIN_BAD_CLIPS, TRAIN_BAD_FRACTION, VAL_VIDEOS_SCORED
+from orchestration.metrics import (
+    TRAIN_BAD_CLIPS,
+    TRAIN_BAD_FRACTION,
+    VAL_BAD_CLIPS,
+    VAL_VIDEOS_SCORED,
+)
 from orchestration.run import Run, RunParts, SplitResult, Trained
 
 GOOD = {"epoch": 1, TRAIN_BAD_FRACTION: 0.0, TRAIN_BAD_CLIPS: 0, VAL_VIDEOS_SCORED: 2,
@@ -146,16 +151,21 @@ def test_too_many_bad_training_clips_stop_the_run_before_it_finishes(
     recorder = Recorder(tmp_path, bad)
     with pytest.raises(BadDataError, match="9 training clips"):
         Run(cfg, parts=recorder.parts()).execute()
-    assert not any(call.startswith("finish") for call in recorder.calls)
+    assert not any(call.startswith("finish ") for call in recorder.calls)
+
+
+def finished_on_disk(cfg: JlstmConfig, tmp_path: Path, last_epoch: dict[str, Any]) -> None:
+    """A Train run of `cfg`'s name whose checkpoint holds its one epoch (`last_epoch`)."""
+    done = tmp_path / "ray" / "ordered" / "checkpoint_000000"
+    done.mkdir(parents=True)
+    model_config = cfg.resolve_model(2).model_dump(mode="json")
+    TrainState({}, {}, {}, 1, 1.0, [last_epoch], model_config, ["a", "b"]).save(done)
 
 
 def test_a_run_found_finished_on_disk_is_finished_without_a_fit(
     cfg: JlstmConfig, store: MlflowClient, tmp_path: Path
 ) -> None:
-    done = tmp_path / "ray" / "ordered" / "checkpoint_000000"
-    done.mkdir(parents=True)
-    history = [{**GOOD, "train_loss": 0.25}]
-    TrainState({}, {}, {}, 1, 1.0, history, {}, ["a", "b"]).save(done)
+    finished_on_disk(cfg, tmp_path, {**GOOD, "train_loss": 0.25})
     recorder = Recorder(tmp_path, GOOD)
     result = Run(cfg, preflighted=True, parts=recorder.parts()).execute()
     # No plan, data sets or trainer; the classes come from the data read for finishing.
@@ -164,6 +174,42 @@ def test_a_run_found_finished_on_disk_is_finished_without_a_fit(
     ]
     losses = store.get_metric_history(result.run_id, "train_loss")
     assert [(m.step, m.value) for m in losses] == [(1, 0.25)]  # the epoch MLflow missed
+    assert store.get_run(result.run_id).data.params["train.epochs"] == "1"  # and its inputs
+
+
+def test_a_run_found_finished_is_still_checked(
+    cfg: JlstmConfig, store: MlflowClient, tmp_path: Path
+) -> None:
+    """Its last epoch scored no test clip (none is listed: the test set has none): it is not
+    registered on a later call either."""
+    finished_on_disk(cfg, tmp_path, {**GOOD, VAL_VIDEOS_SCORED: 0, VAL_BAD_CLIPS: 2})
+    recorder = Recorder(tmp_path, GOOD)
+    with pytest.raises(BadDataError, match="epoch 1: the test set has no clips"):
+        Run(cfg, preflighted=True, parts=recorder.parts()).execute()
+    assert not any(call.startswith("finish ") for call in recorder.calls)
+
+
+def test_a_trial_found_finished_reports_without_reading_data(
+    cfg: JlstmConfig, store: MlflowClient, tmp_path: Path
+) -> None:
+    finished_on_disk(cfg, tmp_path, GOOD)
+    recorder = Recorder(tmp_path, GOOD)
+    trained = Run(cfg, preflighted=True, lock_held=True, stop_after_fit=True,
+                  parts=recorder.parts()).execute()
+    assert recorder.calls == ["start_cluster"]
+    assert isinstance(trained, Trained) and not trained.fitted and trained.data is None
+    assert trained.metrics == GOOD and trained.checkpoint.path.endswith("checkpoint_000000")
+
+
+def test_a_state_file_cut_short_is_not_taken_for_a_finished_run(
+    cfg: JlstmConfig, store: MlflowClient, tmp_path: Path
+) -> None:
+    finished_on_disk(cfg, tmp_path, GOOD)
+    state = tmp_path / "ray" / "ordered" / "checkpoint_000000" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    recorder = Recorder(tmp_path, GOOD)
+    Run(cfg, preflighted=True, parts=recorder.parts()).execute()
+    assert "fit" in recorder.calls  # Ray Train resumes from what it registered
 
 
 def test_a_trial_takes_what_its_driver_holds_and_stops_after_the_fit(

@@ -181,7 +181,9 @@ def _log_parent(sweep: SweepConfig, result: SweepResult, parent_id: str) -> None
         tags["jlstm.best_model_version"] = result.best.model_version
     tracking.set_tags(parent_id, tags)
     tracking.log_metrics(parent_id, {
-        f"best_{sweep.metric}": result.best_metric or float("nan"),
+        f"best_{sweep.metric}": (
+            float("nan") if result.best_metric is None else result.best_metric
+        ),
         "trials": len(result.trials),
         "trial_epochs_run": result.trial_epochs_run,
         "trial_epochs_full": result.trial_epochs_full,
