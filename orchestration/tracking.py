@@ -177,10 +177,9 @@ def find_run(cfg: JlstmConfig, experiment_id: str) -> str | None:
 def start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -> str:
     """The MLflow run of this run name: resumed when it exists (RUNNING again), so a re-run
     continues it; else created."""
-    client = MlflowClient()
     run_id = find_run(cfg, experiment_id)
     if run_id is not None:
-        client.update_run(run_id, status="RUNNING")
+        resume_run(run_id)
         return run_id
     name = cfg.resolved_run_name()
     tags = {
@@ -191,7 +190,7 @@ def start_run(cfg: JlstmConfig, experiment_id: str, parent_run_id: str | None) -
     }
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
-    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    return create_run(experiment_id, name, tags)
 
 
 # Keys a resumed run may change: where and how it runs and is tracked, not what it learns.
@@ -263,7 +262,7 @@ def tracked_run(
             raise ValueError("tracked_run needs cfg and experiment_id, or run_id")
         run_id = start_run(cfg, experiment_id, parent_run_id)
     else:  # a parent taken up again (a resumed sweep, a second reproduce call)
-        MlflowClient().update_run(run_id, status="RUNNING")
+        resume_run(run_id)
     run = TrackedRun(run_id)
     try:
         yield run
@@ -315,11 +314,8 @@ def create_run(
     experiment_id: str, name: str, tags: dict[str, str], params: dict[str, str] | None = None
 ) -> str:
     """A new run (RUNNING) named `name` with `tags` and `params`; returns its id."""
-    client = MlflowClient()
-    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-    entries = [mlflow.entities.Param(k, v) for k, v in (params or {}).items()]
-    for start in range(0, len(entries), PARAMS_PER_REQUEST):
-        client.log_batch(run_id, params=entries[start : start + PARAMS_PER_REQUEST])
+    run_id = MlflowClient().create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    _log_params(run_id, params or {})
     return run_id
 
 
@@ -409,12 +405,16 @@ def log_run_inputs(
     existing = client.get_run(run_id).data.params
     params = flatten_params(cfg.model_dump(mode="json"))
     params |= flatten_params(model_cfg.model_dump(mode="json"), prefix="resolved_model.")
-    new = [mlflow.entities.Param(k, v) for k, v in params.items() if k not in existing]
-    # Batched: a server behind a login checks the password on every request (~1 s each
-    # under load), and a run has about 75 params.
-    for start in range(0, len(new), PARAMS_PER_REQUEST):
-        client.log_batch(run_id, params=new[start : start + PARAMS_PER_REQUEST])
+    _log_params(run_id, {k: v for k, v in params.items() if k not in existing})
     return digest
+
+
+def _log_params(run_id: str, params: dict[str, str]) -> None:
+    """`params` on run `run_id`, batched: a server behind a login checks the password on
+    every request (~1 s each under load), and a run has about 75 params."""
+    entries = [mlflow.entities.Param(k, v) for k, v in params.items()]
+    for start in range(0, len(entries), PARAMS_PER_REQUEST):
+        MlflowClient().log_batch(run_id, params=entries[start : start + PARAMS_PER_REQUEST])
 
 
 def log_dataset(cfg: JlstmConfig, run_id: str, digest: str) -> str:
