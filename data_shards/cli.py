@@ -76,9 +76,18 @@ def _synth(args: argparse.Namespace) -> int:
             seed=args.seed,
             frame_size=args.frame_size,
             num_frames=args.num_frames,
+            scene=args.scene,
         )
-        print(f"wrote {classes * per_class} videos ({args.layout} layout) to {out}")
+        # The square scene's line as it always was: scripts may read it.
+        scene = "" if args.scene == "square" else f", {args.scene} scene"
+        print(f"wrote {classes * per_class} videos ({args.layout} layout{scene}) to {out}")
         return 0
+    # The listed videos are square-scene videos (their classes are the lists' many classes,
+    # more than another scene has patterns): another scene is refused, not ignored.
+    if args.scene != "square":
+        print(f"--splits-from writes the square scene only: drop --scene {args.scene}",
+              file=sys.stderr)
+        return 2
     # The lists decide classes, videos and layout: a flag that would too is refused, not
     # silently overridden.
     clashes = [
@@ -183,6 +192,14 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--frame-size", type=int, default=64)
     synth.add_argument("--num-frames", type=int, default=48)
+    synth.add_argument(
+        "--scene",
+        default="square",
+        choices=["square", "camera"],
+        help="square: a square's direction and speed is the class (1..16 classes); camera: "
+        "an object's speed and motion pattern is the class, under a panning, shaking camera "
+        "with a moving distractor (1..6 classes), for RGB vs RGB + optical flow",
+    )
     synth.set_defaults(func=_synth)
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from model.video import clip_span, clip_starts, frame_indices
+from model.video import clip_span, clip_starts, flow_frames, frame_indices
 
 __all__ = [
-    "CLIP_COLUMNS", "clip_span", "clip_starts", "clip_table", "frame_indices", "needed_frames",
+    "CLIP_COLUMNS", "clip_span", "clip_starts", "clip_table", "flow_frames", "frame_indices",
+    "needed_frames",
 ]
 
 CLIP_COLUMNS = ("video_id", "video_path", "num_frames", "label", "clip_start")

@@ -112,6 +112,7 @@ def _decoded(
             # The manifest's paths are relative to data.root: each task opens them there.
             "root": os.path.abspath(data_cfg.root),
             "timeout_s": data_cfg.decode_timeout_s,
+            "flow": clip_spec.decode_flow(),
         },
         batch_size=batch_size,
         batch_format="numpy",

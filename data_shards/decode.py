@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from data_shards.clips import frame_indices
+from model.config import FlowConfig
 from model.decode_process import (
     DEFAULT_TIMEOUT_S,
     VideoError,
@@ -23,6 +24,7 @@ from model.decode_process import (
     open_video,
     shared_decoder,
 )
+from model.video import read_clips
 
 READERS_PER_WORKER = 4
 
@@ -56,47 +58,56 @@ def _read(
 
 def decode_batch(
     batch: dict[str, np.ndarray], *, clip_len: int, frame_interval: int, frame_size: int,
-    root: str = "", timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    root: str = "", timeout_s: float | None = DEFAULT_TIMEOUT_S, flow: FlowConfig | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` function: clip rows in, decoded clips out; never raises.
 
     In: video_path (relative to `root`, the run's absolute `data.root`; an absolute path is
     opened as it is), num_frames, label, video_id, clip_start ([B] each).
     Out: frames uint8 [B, T, S, S, 3], label, video_id, clip_start (int64 [B]), ok (bool),
-    error (str, "" when ok). A clip that fails (or overruns `timeout_s`) keeps its row,
-    all-zero frames, ok=False and the reason: "<path>: timeout: ..." for a deadline.
+    error (str, "" when ok); with `flow` (a model that reads it), optical_flow uint8
+    [B, T, S, S, 2L], computed here from the frames around each clip (`model.video.
+    read_clips`). A clip that fails (or overruns `timeout_s`) keeps its row, all-zero
+    arrays, ok=False and the reason: "<path>: timeout: ..." for a deadline.
     """
     size = len(batch["video_id"])
-    frames = np.zeros((size, clip_len, frame_size, frame_size, 3), dtype=np.uint8)
+    out = {"frames": np.zeros((size, clip_len, frame_size, frame_size, 3), dtype=np.uint8)}
+    if flow is not None:
+        out["optical_flow"] = np.zeros(
+            (size, clip_len, frame_size, frame_size, 2 * flow.stack), dtype=np.uint8
+        )
     ok = np.ones(size, dtype=bool)
     errors = np.full(size, "", dtype=object)
     # The rows of one video are decoded in one call: one round trip to the decoder process
     # per video of the batch, not per clip (clip rows of a video arrive together).
-    rows_of: dict[str, list[int]] = {}
+    rows_of: dict[tuple[str, int], list[int]] = {}
     for i in range(size):
-        rows_of.setdefault(os.path.join(root, str(batch["video_path"][i])), []).append(i)
-    for path, rows in rows_of.items():
-        clips = [
-            frame_indices(
-                int(batch["clip_start"][i]), int(batch["num_frames"][i]), clip_len,
-                frame_interval,
-            )
-            for i in rows
-        ]
+        path = os.path.join(root, str(batch["video_path"][i]))
+        rows_of.setdefault((path, int(batch["num_frames"][i])), []).append(i)
+
+    def read(path: str, num_frames: int, rows: list[int]) -> None:
+        clips = [frame_indices(int(batch["clip_start"][i]), num_frames, clip_len,
+                               frame_interval) for i in rows]
+        arrays = read_clips(lambda lists: _read(path, frame_size, lists, timeout_s), clips,
+                            num_frames, frame_interval, flow)
+        for name, values in arrays.items():
+            out[name][rows] = values
+
+    for (path, num_frames), rows in rows_of.items():
         try:
-            frames[rows] = _read(path, frame_size, clips, timeout_s)
+            read(path, num_frames, rows)
             continue
         except Exception:  # one clip of several may be the bad one: try each alone
             pass
-        for i, clip in zip(rows, clips, strict=True):
+        for i in rows:
             try:
-                frames[i] = _read(path, frame_size, [clip], timeout_s)[0]
+                read(path, num_frames, [i])
             except Exception as e:  # VideoError, or decord's own (in-process decoding)
                 ok[i] = False
                 # One line: errors end up in CSV rows and one-line reports.
                 errors[i] = f"{path}: {e if isinstance(e, VideoError) else one_line(e)}"
     return {
-        "frames": frames,
+        **out,
         "label": batch["label"].astype(np.int64),
         "video_id": batch["video_id"].astype(np.int64),
         "clip_start": batch["clip_start"].astype(np.int64),

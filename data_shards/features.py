@@ -53,13 +53,16 @@ import ray
 import xxhash
 
 from data_shards.clip_spec import ClipSpec
-from data_shards.clips import frame_indices, needed_frames
+from data_shards.clips import flow_frames, frame_indices, needed_frames
 from data_shards.config import TAP_PREFIX, TAP_SCALE_PREFIX, DataConfig
 from data_shards.errors import BadDataError, StaleCacheError
 from data_shards.manifest import check_videos_present, load_manifest, video_file
 from model.decode_process import BoundedDecoder, VideoError, one_line, open_video
+from model.inputs import RANDOM_INIT_SEED, encoder_groups, input_kind, reads
 
 if TYPE_CHECKING:  # torch loads only where a backbone runs
+    from torch import nn
+
     from model import VGG16Taps
 
 log = logging.getLogger(__name__)
@@ -74,8 +77,6 @@ CACHE_FORMAT = 4
 TAP_CHANNELS = 512  # every VGG16 tap (conv4_3, pool4, conv5_3, pool5) has 512 channels
 FORWARD_CHUNK = 32  # frames per backbone forward pass
 VIDEOS_PER_CALL = 8  # videos an actor caches per call (each one's failure is its own row)
-# Random-init VGG16 (no backbone_weights) is seeded so the cache and its check agree.
-RANDOM_INIT_SEED = 0
 # Bytes read and hashed at a time while verifying a file: a buffer that stays in L2 hashes
 # at ~8.7 GB/s here, one read of the whole file then one hash at ~2.2 GB/s (every byte
 # leaves the cache between the two). A memory map would hash at ~13.9 GB/s, but a disk
@@ -97,16 +98,25 @@ class CacheInfo:
     first_error: str = ""  # of the first video that failed ("" when none did)
 
 
-def cache_backbone(clip_spec: ClipSpec) -> VGG16Taps:
-    """The frozen VGG16Taps the cache runs: eval mode, seeded when randomly initialized."""
+def cache_encoders(clip_spec: ClipSpec) -> dict[str, nn.Module]:
+    """The frozen encoders the cache runs, {network attribute: module} (`model.inputs`:
+    `backbone`, the RGB VGG16; `flow_backbone`, the flow VGG16), in eval mode, each seeded
+    with `RANDOM_INIT_SEED` when randomly initialized."""
     import torch
 
-    from model import VGG16Taps
-
+    cfg = clip_spec.encoder_config()
+    encoders = {}
     with torch.random.fork_rng():
-        torch.manual_seed(RANDOM_INIT_SEED)
-        backbone = VGG16Taps(clip_spec.taps, clip_spec.map_size, clip_spec.backbone_weights)
-    return backbone.eval().requires_grad_(False)
+        for attr, names in encoder_groups(clip_spec.taps).items():
+            torch.manual_seed(RANDOM_INIT_SEED)
+            encoder = input_kind(names[0]).build_encoder(names, cfg)
+            encoders[attr] = encoder.eval().requires_grad_(False)
+    return encoders
+
+
+def cache_backbone(clip_spec: ClipSpec) -> VGG16Taps:
+    """The frozen RGB VGG16 the cache runs for `clip_spec`'s VGG16 taps (`cache_encoders`)."""
+    return cache_encoders(clip_spec)["backbone"]
 
 
 def manifest_digest(manifest: pa.Table) -> str:
@@ -118,12 +128,22 @@ def manifest_digest(manifest: pa.Table) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
+def _weights_digest(clip_spec: ClipSpec) -> str:
+    """The cache's encoders' identity: the RGB VGG16's digest alone (as every key written
+    before flow), else a sha256 over each encoder's."""
+    digests = [f"{attr}:{encoder.weights_digest()}"
+               for attr, encoder in cache_encoders(clip_spec).items()]
+    if len(digests) == 1:
+        return digests[0].partition(":")[2]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
 def cache_key(data_cfg: DataConfig, clip_spec: ClipSpec, manifest: pa.Table) -> dict:
     """Everything that changes the cache's content; a cache is used only if this matches."""
-    return {
+    key = {
         "format": CACHE_FORMAT,
         "dtype": data_cfg.cache_dtype,
-        "backbone_weights_digest": cache_backbone(clip_spec).weights_digest(),
+        "backbone_weights_digest": _weights_digest(clip_spec),
         "frame_size": clip_spec.frame_size,
         "taps": list(clip_spec.taps),  # a JSON list, as every key written so far
         "map_size": clip_spec.map_size,
@@ -133,6 +153,9 @@ def cache_key(data_cfg: DataConfig, clip_spec: ClipSpec, manifest: pa.Table) -> 
         "frame_interval": data_cfg.frame_interval,
         "manifest_digest": manifest_digest(manifest),
     }
+    if reads(clip_spec.taps, "optical_flow"):  # only then: an RGB cache's key is as before
+        key["flow"] = clip_spec.flow.model_dump(mode="json")
+    return key
 
 
 def check_cache(
@@ -209,12 +232,15 @@ def _work_table(data_cfg: DataConfig, clip_spec: ClipSpec, manifest: pa.Table) -
     return pa.table({
         "video_id": manifest["video_id"],
         "video_path": pa.array(files, pa.string()),
+        "num_frames": manifest["num_frames"],
         "frames": pa.array(frames, pa.list_(pa.int64())),
     })
 
 
 class _TapWriter:
-    """Actor: decodes one video's needed frames, runs the backbone, writes the video's shard.
+    """Actor: decodes one video's needed frames, runs the frozen encoders, writes the video's
+    shard. For flow inputs it decodes the frames their flows reach too, and computes the flow
+    (`model.video.flow_frames`, `model.flow`) as the decode tasks and the served model do.
 
     Decoding runs in the actor's `BoundedDecoder` (`data.decode_timeout_s` a video, as
     `data_shards.decode`): a video that hangs the decoder is a failed row with reason
@@ -228,39 +254,67 @@ class _TapWriter:
         device: str,
         dtype: str,
         decode_timeout_s: float | None,
+        frame_interval: int = 1,
     ) -> None:
         self.clip_spec = clip_spec
         self.cache_dir = cache_dir
         self.device = device
         self.dtype = dtype
         self.decode_timeout_s = decode_timeout_s
+        self.frame_interval = frame_interval
         self.decoder = BoundedDecoder(decode_timeout_s) if decode_timeout_s else None
-        self.backbone = cache_backbone(clip_spec).to(device)
+        self.encoders = {attr: encoder.to(device)
+                         for attr, encoder in cache_encoders(clip_spec).items()}
+        self.groups = encoder_groups(clip_spec.taps)
 
-    def _taps(self, frames: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 [F, S, S, 3] -> {tap: float16 [F, 512, K, K]}, FORWARD_CHUNK frames a pass."""
+    def _sources(self, path: str, wanted: list[int], num_frames: int) -> dict[str, np.ndarray]:
+        """The video's `wanted` frames, uint8 [F, S, S, 3], and for flow inputs their
+        optical flow, uint8 [F, S, S, 2L] (`model.video.flow_frames`, `model.flow`)."""
+        size = self.clip_spec.frame_size
+        decode, pairs = wanted, []
+        flow = self.clip_spec.decode_flow()
+        if flow is not None:
+            decode, pairs = flow_frames(wanted, num_frames, self.frame_interval, flow.stack)
+        if self.decoder is None:  # data.decode_timeout_s: null
+            frames = open_video(path, size).get_batch(decode).asnumpy()
+        else:
+            frames = self.decoder.read(path, size, [decode])[0]
+        sources = {"frames": frames[: len(wanted)]}
+        if flow is not None:
+            from model.flow import flow_fields  # OpenCV, for flow caches only
+
+            fields = flow_fields(frames, pairs, preset=flow.preset,
+                                 compensation=flow.compensation, bound=flow.bound_px)
+            stack = fields.reshape(len(wanted), flow.stack, size, size, 2)
+            sources["optical_flow"] = stack.transpose(0, 2, 3, 1, 4).reshape(
+                len(wanted), size, size, 2 * flow.stack)
+        return sources
+
+    def _taps(self, sources: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{source: uint8 [F, S, S, C]} -> {tap: float16 [F, 512, K, K]}, FORWARD_CHUNK
+        frames a pass of each encoder."""
         import torch
 
-        from model import normalize_frames
+        from model.inputs.sources import normalize_sources
 
         chunks: dict[str, list[np.ndarray]] = {tap: [] for tap in self.clip_spec.taps}
         with torch.inference_mode():
-            for lo in range(0, len(frames), FORWARD_CHUNK):
-                x = torch.from_numpy(frames[lo : lo + FORWARD_CHUNK])[None].to(self.device)
-                out = self.backbone(normalize_frames(x)[0])
-                for tap, value in out.items():
-                    chunks[tap].append(value.half().cpu().numpy())
+            for attr, names in self.groups.items():
+                source = input_kind(names[0]).source
+                values = sources[source]
+                for lo in range(0, len(values), FORWARD_CHUNK):
+                    x = torch.from_numpy(values[lo : lo + FORWARD_CHUNK])[None].to(self.device)
+                    out = self.encoders[attr](normalize_sources({source: x})[source][0])
+                    for tap in names:
+                        chunks[tap].append(out[tap].half().cpu().numpy())
         return {tap: np.concatenate(parts) for tap, parts in chunks.items()}
 
-    def _write(self, video_id: int, path: str, wanted: list[int]) -> tuple[int, int, int]:
+    def _write(
+        self, video_id: int, path: str, wanted: list[int], num_frames: int
+    ) -> tuple[int, int, int]:
         """Write one video's array file (and scale file); returns their size in bytes, the
         array file's checksum and the scale file's (0 when there is none)."""
-        size = self.clip_spec.frame_size
-        if self.decoder is None:  # data.decode_timeout_s: null
-            frames = open_video(path, size).get_batch(wanted).asnumpy()
-        else:
-            frames = self.decoder.read(path, size, [wanted])[0]
-        taps = self._taps(frames)
+        taps = self._taps(self._sources(path, wanted, num_frames))
         # Uncompressed: fp16 activations barely compress, and reads then cost a copy only.
         values = np.stack([taps[tap] for tap in self.clip_spec.taps])
         size = scale_checksum = 0
@@ -284,7 +338,7 @@ class _TapWriter:
             try:
                 wanted = [int(f) for f in batch["frames"][i]]
                 sizes[i], checksums[i], scale_checksums[i] = self._write(
-                    int(video_id), path, wanted
+                    int(video_id), path, wanted, int(batch["num_frames"][i])
                 )
             except Exception as e:  # a bad video is reported in videos.parquet, not raised
                 ok[i] = False
@@ -386,6 +440,7 @@ def build_feature_cache(
                 "device": "cuda" if use_gpu else "cpu",
                 "dtype": data_cfg.cache_dtype,
                 "decode_timeout_s": data_cfg.decode_timeout_s,
+                "frame_interval": data_cfg.frame_interval,
             },
             batch_size=VIDEOS_PER_CALL,
             batch_format="numpy",

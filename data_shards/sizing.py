@@ -17,6 +17,7 @@ from data_shards.clips import clip_starts, needed_frames
 from data_shards.config import DataConfig
 from data_shards.features import TAP_CHANNELS
 from data_shards.index import list_entries
+from model.inputs import reads
 
 # Typical frames per video, for estimates from split files alone. UCF101: 7.21 s on
 # average at 25 fps (Soomro et al. 2012, "UCF101", section 3). HMDB51: every clip has at
@@ -24,6 +25,12 @@ from data_shards.index import list_entries
 TYPICAL_FRAMES = {"ucf101": 180, "hmdb51": 101}
 CACHE_BYTES_PER_VALUE = {"float16": 2, "uint8": 1}  # data.cache_dtype
 FRAME_BYTES_PER_PIXEL = 3  # decoded clips are uint8 RGB
+# Optical flow pairs (`model.flow.flow_fields`: DIS, camera compensation by homography,
+# uint8 encoding) one CPU makes a second at 224 x 224, per DIS preset: measured by
+# benchmarks/flow.py on the 2-core development machine (benchmarks/results/flow.json).
+# Other frame sizes are scaled by their pixels (an estimate: DIS's pyramid is not exactly
+# linear in them).
+FLOW_PAIRS_PER_CPU_S_224 = {"ultrafast": 700.0, "fast": 526.0, "medium": 170.0}
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,12 @@ class DataSize:
     test_clips: int | None
     cache_bytes: int | None  # the feature cache of this config's taps, train + test frames
     bytes_per_clip: int  # what one clip moves from the cache (taps) or the decoder (frames)
+    # Optical flow (a model with a flow input): the DIS pairs computed once, by the cache
+    # build (a cached flow input), or every epoch, by the decode tasks (`flow_when`), and the
+    # CPU hours they cost (`FLOW_PAIRS_PER_CPU_S_224`). None: no flow, or sizes unknown.
+    flow_pairs: int | None = None
+    flow_cpu_hours: float | None = None
+    flow_when: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +100,14 @@ def data_size(data_cfg: DataConfig, clip_spec: ClipSpec) -> DataSize:
     cached_frames = sum(
         len(needed_frames(n, clip_len, strides[s], interval)) for s in strides for n in frames[s]
     )
+    flow_pairs, when = None, ""
+    if clip_spec.reads_flow:
+        cached = data_cfg.use_feature_cache and reads(clip_spec.taps, "optical_flow")
+        # Cached: each needed frame's flow once (a stack's later flows are the next frames'
+        # first ones when the frames lie every frame_interval). Decoded: each clip's T + L - 1.
+        flow_pairs = (cached_frames if cached
+                      else (clips["train"] + clips["test"]) * (clip_len + clip_spec.flow.stack - 1))
+        when = "once, building the feature cache" if cached else "every epoch, decoding"
     return DataSize(
         source=source,
         train_videos=len(frames["train"]),
@@ -95,4 +116,14 @@ def data_size(data_cfg: DataConfig, clip_spec: ClipSpec) -> DataSize:
         test_clips=clips["test"],
         cache_bytes=cached_frames * tap_bytes_per_frame(data_cfg, clip_spec),
         bytes_per_clip=per_clip,
+        flow_pairs=flow_pairs,
+        flow_cpu_hours=None if flow_pairs is None else flow_cpu_hours(flow_pairs, clip_spec),
+        flow_when=when,
     )
+
+
+def flow_cpu_hours(pairs: int, clip_spec: ClipSpec) -> float:
+    """CPU hours of `pairs` optical flows at the clip's frame size and DIS preset."""
+    rate = (FLOW_PAIRS_PER_CPU_S_224[clip_spec.flow.preset]
+            * (224 / clip_spec.frame_size) ** 2)
+    return pairs / rate / 3600

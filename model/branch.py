@@ -1,4 +1,4 @@
-"""One branch per VGG16 tap: adapter, temporal convnet, deep supervision (MODEL_SPEC section 2)."""
+"""One branch per input: adapter, temporal convnet, deep supervision (MODEL_SPEC section 2)."""
 
 from __future__ import annotations
 
@@ -81,12 +81,13 @@ def init_relu_convs_(module: nn.Module) -> None:
 
 
 class Branch(nn.Module):
-    """Everything h-independent of one tap, batched over all T steps.
+    """Everything h-independent of one input, batched over all T steps.
 
-    ``forward(taps: [B, T, 512, K, K])`` returns ``Y``: ``[B, T, C, K, K]`` (non-negative),
-    the deep supervision logits ``[B, T, num_classes]`` (None when ``temporal`` is ``none``)
-    and ``X``, the adapted maps the temporal convnet reads (``[B, T, C, K, K]``, ``Y`` itself
-    when there is no temporal convnet).
+    ``forward(taps: [B, T, Cin, K, K])`` (Cin: the input's channels, 512 for VGG16's taps)
+    returns ``Y``: ``[B, T, C, K, K]`` (non-negative), the deep supervision logits
+    ``[B, T, num_classes]`` (None when ``temporal`` is ``none``) and ``X``, the adapted maps
+    the temporal convnet reads (``[B, T, C, K, K]``, ``Y`` itself when there is no temporal
+    convnet).
     """
 
     def __init__(
@@ -95,9 +96,10 @@ class Branch(nn.Module):
         temporal: Literal["conv3d", "conv2d", "none"],
         supervision_hidden: int,
         num_classes: int,
+        in_channels: int = 512,
     ) -> None:
         super().__init__()
-        self.adapter = Adapter(channels)
+        self.adapter = Adapter(channels, in_channels)
         self.temporal: nn.Module | None
         self.head: SupervisionHead | None
         if temporal == "none":

@@ -9,17 +9,51 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-TapName = Literal["conv4_3", "pool4", "conv5_3", "pool5"]
+from model.inputs import input_kind, reads
 
-# How many 2x2 max-pools of VGG16 precede each tap: its side is frame_size // 2**n.
-TAP_POOLS: dict[str, int] = {"conv4_3": 3, "pool4": 4, "conv5_3": 4, "pool5": 5}
+# The inputs every model had before inputs were a registry (VGG16's RGB taps): a config of
+# these only is saved exactly as then, under its old key `taps` and without `flow`, so its
+# model_config.json, MLflow params and cache key stay byte-identical.
+RGB_TAPS = ("conv4_3", "pool4", "conv5_3", "pool5")
 
 
 def tap_side(tap: str, frame_size: int) -> int:
-    """Side of a VGG16 tap's feature map for square frames of side ``frame_size``."""
-    return frame_size // 2 ** TAP_POOLS[tap]
+    """Side of an input's feature map (before pooling to K) for frames of side ``frame_size``."""
+    return input_kind(tap).side(frame_size)
+
+
+class FlowConfig(BaseModel):
+    """How the `flow` inputs' optical flow is computed (`model.flow`): part of the model,
+    since the shipped predict pipeline must compute it as training did."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stack: int = Field(
+        1, ge=1, le=10,
+        description="L: flows per step (from the step's frame to the next at the clip's "
+        "frame interval, and on): the encoder reads 2L channels",
+    )
+    preset: Literal["ultrafast", "fast", "medium"] = Field(
+        "fast", description="OpenCV DIS preset (model/flow.py measures each)"
+    )
+    compensation: Literal["median", "homography", "none"] = Field(
+        "homography",
+        description="camera motion subtracted from each flow: a fitted homography (pans, "
+        "zooms, turns; model/flow.py measures it cheaper than the median), the median "
+        "flow, or none",
+    )
+    bound_px: float = Field(20.0, gt=0, description="x and y clipped at +-bound_px, then uint8")
 
 
 class ModelConfig(BaseModel):
@@ -31,8 +65,12 @@ class ModelConfig(BaseModel):
     frame_size: int = Field(384, ge=32, description="S: side of the square frames fed to VGG16")
     clip_len: int = Field(30, ge=1, description="T = L1: frames per clip")
     last_steps: int = Field(16, ge=1, description="L2: last steps averaged into a clip score")
-    taps: list[TapName] = Field(
-        default_factory=lambda: ["pool4", "conv5_3"], description="VGG16 layers, one branch each"
+    inputs: list[str] = Field(
+        default_factory=lambda: ["pool4", "conv5_3"],
+        validation_alias=AliasChoices("inputs", "taps"),
+        description="the joint LSTM's inputs, one branch each (model.inputs registers them: "
+        "VGG16's taps conv4_3, pool4, conv5_3, pool5 of the RGB frames; flow, flow_cnn); "
+        "`taps`, its old name, is accepted",
     )
     channels: int = Field(256, ge=1, description="C: channels of a branch after its adapter")
     map_size: int = Field(11, ge=1, description="K: side of every branch's map (K*K locations)")
@@ -70,15 +108,41 @@ class ModelConfig(BaseModel):
     )
     supervision_weight: float = Field(1.0, ge=0.0, description="alpha")
     prediction: Literal["vote", "prob"] = "vote"
+    flow: FlowConfig = Field(
+        default_factory=FlowConfig, description="the optical flow of flow inputs"
+    )
 
-    @field_validator("taps")
+    @model_validator(mode="before")
     @classmethod
-    def _taps_nonempty_unique(cls, taps: list[str]) -> list[str]:
-        if not taps:
-            raise ValueError("taps must name at least one VGG16 layer")
-        if len(set(taps)) != len(taps):
-            raise ValueError(f"taps must be unique, got {taps}")
-        return taps
+    def _one_name_for_inputs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "inputs" in data and "taps" in data:
+            raise ValueError(
+                "model.taps and model.inputs both given: taps is the old name of inputs, "
+                "keep one of them"
+            )
+        return data
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_known_unique(cls, inputs: list[str]) -> list[str]:
+        if not inputs:
+            raise ValueError("inputs must name at least one input (e.g. pool4)")
+        if len(set(inputs)) != len(inputs):
+            raise ValueError(f"inputs must be unique, got {inputs}")
+        for name in inputs:
+            input_kind(name)  # ValueError naming the registered inputs
+        return inputs
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if not isinstance(data, dict) or not set(self.inputs) <= set(RGB_TAPS):
+            if isinstance(data, dict) and not self.reads_flow:
+                data.pop("flow", None)
+            return data
+        # An RGB-only model: today's layout, key for key and in the same order.
+        data.pop("flow", None)
+        return {("taps" if key == "inputs" else key): value for key, value in data.items()}
 
     @model_validator(mode="after")
     def _check_sizes(self) -> ModelConfig:
@@ -86,32 +150,42 @@ class ModelConfig(BaseModel):
             raise ValueError(
                 f"last_steps = {self.last_steps} must be <= clip_len = {self.clip_len}"
             )
-        for tap in self.taps:
-            side = tap_side(tap, self.frame_size)
+        for name in self.inputs:
+            side = tap_side(name, self.frame_size)
             if self.map_size > side:
                 raise ValueError(
-                    f"map_size = {self.map_size} is larger than tap {tap!r}, which is "
+                    f"map_size = {self.map_size} is larger than input {name!r}, which is "
                     f"{side}x{side} at frame_size = {self.frame_size}; use map_size <= {side}"
                 )
         return self
 
     @property
+    def taps(self) -> list[str]:
+        """The old name of `inputs`."""
+        return self.inputs
+
+    @property
+    def reads_flow(self) -> bool:
+        """Whether an input reads optical flow (the pipeline then computes it)."""
+        return reads(self.inputs, "optical_flow")
+
+    @property
     def num_branches(self) -> int:
-        return len(self.taps)
+        return len(self.inputs)
 
 
 # The paper's tables (MODEL_SPEC section 6): each variant is its overrides of the defaults.
 VARIANTS: dict[str, dict[str, Any]] = {
     "late_fusion": {},
     "early_fusion": {"fusion": "early"},
-    "single_pool4": {"taps": ["pool4"]},
-    "single_conv5_3": {"taps": ["conv5_3"]},
+    "single_pool4": {"inputs": ["pool4"]},
+    "single_conv5_3": {"inputs": ["conv5_3"]},
     "conv2d_reg": {"temporal": "conv2d"},
     "conv3d_plain": {"attention_reg_weight": 0.0},
     "vgg_lstm": {"temporal": "none"},
     # Sharma et al.: attention over the last conv layer feeding one plain LSTM input.
     "soft_attention": {
-        "taps": ["conv5_3"],
+        "inputs": ["conv5_3"],
         "temporal": "none",
         "joint_inputs": False,
         "pyramid": False,
@@ -123,6 +197,7 @@ def model_config(variant: str, num_classes: int, **overrides: Any) -> ModelConfi
     """The validated config of a named variant, with ``overrides`` applied on top."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; allowed: {sorted(VARIANTS)}")
-    return ModelConfig.model_validate(
-        {**VARIANTS[variant], "num_classes": num_classes, **overrides}
-    )
+    variant_keys = dict(VARIANTS[variant])
+    if {"inputs", "taps"} & overrides.keys():  # either name of the inputs overrides both
+        variant_keys.pop("inputs", None)
+    return ModelConfig.model_validate({**variant_keys, "num_classes": num_classes, **overrides})

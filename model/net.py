@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.attention import SoftAttention, SpatialPyramid
-from model.backbone import VGG16Taps
 from model.branch import Branch, attention_regularization
 from model.config import ModelConfig, model_config
+from model.inputs import encoder_groups, input_kind
 from model.joint_lstm import JointLSTMCell, LSTMState
 
 
@@ -51,21 +51,34 @@ def clip_scores(step_logits: Tensor, last_steps: int, mode: Literal["vote", "pro
 
 
 class JointAttentionNet(nn.Module):
-    """VGG16 taps -> per-branch adapter and temporal convnet -> attention + pyramid -> joint LSTM.
+    """Inputs (VGG16 taps, flow) -> per-branch adapter and temporal convnet -> attention +
+    pyramid -> joint LSTM.
 
-    ``forward(frames: [B, T, 3, S, S])`` (ImageNet-normalized) -> ``ModelOutput``.
+    ``forward(frames: [B, T, 3, S, S])`` (ImageNet-normalized), or a dict of sources and
+    cached maps (`encode`) -> ``ModelOutput``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = VGG16Taps(cfg.taps, cfg.map_size, cfg.backbone_weights)
-        if cfg.backbone == "frozen":
-            self.backbone.requires_grad_(False)
+        # One encoder per group of inputs (`model.inputs`), under its registered attribute:
+        # `backbone` is the RGB VGG16 of every saved model. Frozen unless trained by kind or
+        # by `backbone: finetune`.
+        self.encoder_inputs = encoder_groups(cfg.inputs)
+        self.frozen_encoders: set[str] = set()
+        for attr, names in self.encoder_inputs.items():
+            kind = input_kind(names[0])
+            self.add_module(attr, kind.build_encoder(names, cfg))
+            if not kind.trainable and cfg.backbone == "frozen":
+                getattr(self, attr).requires_grad_(False)
+                self.frozen_encoders.add(attr)
         self.branches = nn.ModuleDict(
             {
-                tap: Branch(cfg.channels, cfg.temporal, cfg.supervision_hidden, cfg.num_classes)
-                for tap in cfg.taps
+                name: Branch(
+                    cfg.channels, cfg.temporal, cfg.supervision_hidden, cfg.num_classes,
+                    in_channels=input_kind(name).channels,
+                )
+                for name in cfg.inputs
             }
         )
         num_branches = cfg.num_branches
@@ -97,25 +110,45 @@ class JointAttentionNet(nn.Module):
 
     def train(self, mode: bool = True) -> JointAttentionNet:
         super().train(mode)
-        if self.frozen_backbone:
-            self.backbone.eval()
+        for attr in self.frozen_encoders:  # a frozen encoder's BatchNorm/dropout stay as built
+            getattr(self, attr).eval()
         return self
 
+    def encode(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every input's maps ``{name: [B, T, C, K, K]}`` from what a batch carries: the
+        normalized sources (``frames`` ``[B, T, 3, S, S]``, ``optical_flow``
+        ``[B, T, 2L, S, S]``)
+        and/or cached maps by input name (which skip their encoder)."""
+        maps = {name: inputs[name] for name in self.cfg.inputs if name in inputs}
+        for attr, names in self.encoder_inputs.items():
+            if all(name in maps for name in names):
+                continue
+            source_name = input_kind(names[0]).source
+            if source_name not in inputs:
+                raise ValueError(
+                    f"inputs {names} read {source_name!r}, which the batch does not carry "
+                    f"(it has {sorted(inputs)})"
+                )
+            source = inputs[source_name]
+            frozen = attr in self.frozen_encoders
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                out = getattr(self, attr)(source.flatten(0, 1))
+            maps |= {name: out[name].unflatten(0, source.shape[:2]) for name in names}
+        return maps
+
     def extract_taps(self, frames: Tensor) -> dict[str, Tensor]:
-        """``[B, T, 3, S, S]`` -> ``{tap: [B, T, 512, K, K]}``."""
-        clip_shape = frames.shape[:2]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
-            taps = self.backbone(frames.flatten(0, 1))
-        return {tap: x.unflatten(0, clip_shape) for tap, x in taps.items()}
+        """``[B, T, 3, S, S]`` -> ``{tap: [B, T, 512, K, K]}`` (an RGB-only model's maps)."""
+        return self.encode({"frames": frames})
 
-    def forward(self, frames: Tensor | dict[str, Tensor]) -> ModelOutput:
-        """frames: float [B, T, 3, S, S], or a dict of cached taps (see `forward_taps`).
+    def forward(self, inputs: Tensor | dict[str, Tensor]) -> ModelOutput:
+        """inputs: normalized frames ``[B, T, 3, S, S]``, or a dict of sources and/or cached
+        maps (see `encode`).
 
-        Both inputs go through forward() so DDP's gradient hooks see the cached-taps path too.
+        Every input goes through forward() so DDP's gradient hooks see the cached path too.
         """
-        if isinstance(frames, dict):
-            return self.forward_taps(frames)
-        return self.forward_taps(self.extract_taps(frames))
+        if isinstance(inputs, Tensor):
+            inputs = {"frames": inputs}
+        return self.forward_taps(self.encode(inputs))
 
     def _initial_states(self, mean_feature: Tensor) -> list[LSTMState]:
         """h_0, c_0 of every layer: zeros, or tanh of a linear map of the clip's mean feature."""
@@ -127,11 +160,11 @@ class JointAttentionNet(nn.Module):
         return [(states[:, n, 0], states[:, n, 1]) for n in range(layers)]
 
     def forward_taps(self, taps: dict[str, Tensor]) -> ModelOutput:
-        """Everything after the backbone. ``taps[tap]: [B, T, 512, K, K]``, any float dtype."""
+        """Everything after the encoders. ``taps[input]: [B, T, C, K, K]``, any float dtype."""
         branch_maps, branch_logits, branch_inputs = [], [], []
         for tap, branch in self.branches.items():
             tap_maps = taps[tap]
-            if self.cfg.center_taps:
+            if self.cfg.center_taps and input_kind(tap).source == "frames":
                 # A random VGG16 maps every frame of a clip to nearly the same taps (static
                 # content dominates); without the clip's mean, the motion is what is left.
                 tap_maps = tap_maps.float() - tap_maps.float().mean(dim=1, keepdim=True)

@@ -24,8 +24,9 @@ metadata, the clip rule in its `ModelConfig`):
 
 from __future__ import annotations
 
+import itertools
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,12 +36,17 @@ import numpy as np
 from model.decode_process import BoundedDecoder, VideoError, shared_decoder
 
 if TYPE_CHECKING:
+    from model.config import FlowConfig
     from model.net import JointAttentionNet
 
+# A clip's arrays by source (`model.inputs.SOURCES`): "frames" uint8 [N, T, S, S, 3] and, for
+# a model that reads optical flow, "optical_flow" uint8 [N, T, S, S, 2L].
+ClipArrays = dict[str, np.ndarray]
+
 __all__ = [
-    "SCORE_BATCH", "VIDEO_RULE", "ClipGrid", "VideoError", "VideoPrediction", "clip_span",
-    "clip_starts", "frame_indices", "predict_video", "score_clips", "top_k", "video_clips",
-    "video_score", "video_scores",
+    "SCORE_BATCH", "VIDEO_RULE", "ClipArrays", "ClipGrid", "VideoError", "VideoPrediction",
+    "clip_span", "clip_starts", "flow_frames", "frame_indices", "predict_video", "read_clips",
+    "score_clips", "top_k", "video_clips", "video_score", "video_scores",
 ]
 
 # A video's class scores are the mean of its clips' scores (MODEL_SPEC section 5).
@@ -70,6 +76,57 @@ def frame_indices(start: int, num_frames: int, clip_len: int, frame_interval: in
     return [(start + i * frame_interval) % num_frames for i in range(clip_len)]
 
 
+def flow_frames(
+    frames: Sequence[int], num_frames: int, frame_interval: int, stack: int
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """What a clip's optical flow needs: the frames to decode (the clip's `frames` first, in
+    order, then the others its flows reach) and, step by step, the `stack` (from, to)
+    positions in that list of each step's flows.
+
+    The flow at frame f goes from f to f + `frame_interval` (the clip's next frame), the
+    next of a stack from there on; a frame past the video's last is its last frame (a zero
+    flow), never a wrap to its first (a jump no camera made).
+    """
+    decode = [int(f) for f in frames]
+    position = {f: i for i, f in enumerate(decode)}
+    pairs: list[tuple[int, int]] = []
+    for f in decode[: len(frames)]:  # the clip's own frames (the list grows below)
+        chain = [min(f + j * frame_interval, num_frames - 1) for j in range(stack + 1)]
+        for g in chain:
+            if g not in position:
+                position[g] = len(decode)
+                decode.append(g)
+        pairs += [(position[a], position[b]) for a, b in itertools.pairwise(chain)]
+    return decode, pairs
+
+
+def read_clips(
+    read: Callable[[list[list[int]]], np.ndarray], clips: Sequence[Sequence[int]],
+    num_frames: int, frame_interval: int, flow: FlowConfig | None,
+) -> ClipArrays:
+    """The arrays of clips of one video (their frame indices `clips`, T each): ``frames``
+    and, with `flow`, ``optical_flow`` (`model.flow`, from `flow_frames`' pairs).
+    `read(lists)` decodes frame lists of one length into uint8 ``[N, len, S, S, 3]``: every
+    clip of the video in one call (lists padded with their last frame)."""
+    lists = [[int(f) for f in clip] for clip in clips]
+    if flow is None:
+        return {"frames": read(lists)}
+    from model.flow import flow_fields  # OpenCV, for flow models only
+
+    plans = [flow_frames(clip, num_frames, frame_interval, flow.stack) for clip in lists]
+    width = max(len(frames) for frames, _ in plans)
+    decoded = read([frames + [frames[-1]] * (width - len(frames)) for frames, _ in plans])
+    steps = len(lists[0])
+    flows = []
+    for clip, (_, pairs) in zip(decoded, plans, strict=True):
+        fields = flow_fields(clip, pairs, preset=flow.preset, compensation=flow.compensation,
+                             bound=flow.bound_px)  # [T * L, S, S, 2], step-major
+        size = fields.shape[1]
+        flows.append(fields.reshape(steps, flow.stack, size, size, 2)
+                     .transpose(0, 2, 3, 1, 4).reshape(steps, size, size, 2 * flow.stack))
+    return {"frames": np.ascontiguousarray(decoded[:, :steps]), "optical_flow": np.stack(flows)}
+
+
 @dataclass(frozen=True)
 class ClipGrid:
     """Which clips of a video are scored: `clip_len` frames every `frame_interval` frames,
@@ -93,26 +150,34 @@ class ClipGrid:
         return frame_indices(start, num_frames, self.clip_len, self.frame_interval)
 
 
-def score_clips(net: JointAttentionNet, frames: np.ndarray) -> np.ndarray:
-    """Class scores ``[N, C]`` (rows sum to 1) of uint8 clips ``[N, T, S, S, 3]`` by the
-    model's clip rule (`net.cfg.prediction`), `SCORE_BATCH` clips per forward pass."""
+def score_clips(net: JointAttentionNet, clips: np.ndarray | ClipArrays) -> np.ndarray:
+    """Class scores ``[N, C]`` (rows sum to 1) of uint8 clips (frames ``[N, T, S, S, 3]``, or
+    `ClipArrays` for a model that reads more than frames) by the model's clip rule
+    (`net.cfg.prediction`), `SCORE_BATCH` clips per forward pass."""
     import torch
 
-    from model.backbone import normalize_frames
+    from model.inputs.sources import normalize_sources
     from model.net import clip_scores
 
-    frames = np.asarray(frames)
+    arrays = {"frames": clips} if isinstance(clips, np.ndarray) else dict(clips)
+    frames = np.asarray(arrays["frames"])
     if frames.ndim != 5 or frames.dtype != np.uint8:
         raise ValueError(
             f"expected uint8 frames [N, T, S, S, 3], got {frames.dtype} {frames.shape}"
         )
     cfg = net.cfg
+    if cfg.reads_flow and "optical_flow" not in arrays:
+        raise ValueError(
+            "this model reads optical flow, which frames alone do not give: score video "
+            "files (their flow is computed from the frames around each clip)"
+        )
     device = next(net.parameters()).device
     out = [np.zeros((0, cfg.num_classes), dtype=np.float32)]
     with torch.inference_mode():
         for lo in range(0, len(frames), SCORE_BATCH):
-            batch = torch.from_numpy(frames[lo : lo + SCORE_BATCH]).to(device)
-            logits = net(normalize_frames(batch)).step_logits.float()
+            batch = {key: torch.from_numpy(np.asarray(value[lo : lo + SCORE_BATCH])).to(device)
+                     for key, value in arrays.items()}
+            logits = net(normalize_sources(batch)).step_logits.float()
             out.append(clip_scores(logits, cfg.last_steps, cfg.prediction).cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 
@@ -157,25 +222,35 @@ class VideoPrediction:
         scores: ``[C]`` float64, the video's class scores (they sum to 1).
         num_clips: how many clips were scored.
         first_clip: ``[T, S, S, 3]`` uint8, the first clip (for an attention drawing).
+        first_sources: the first clip as the network reads it, ``{source: [T, ...]}``
+            (its frames, and its optical flow for a model that reads flow).
     """
 
     scores: np.ndarray
     num_clips: int
     first_clip: np.ndarray
+    first_sources: ClipArrays
 
 
 def video_clips(
-    path: str | Path, grid: ClipGrid, frame_size: int, decoder: BoundedDecoder | None = None
-) -> Iterator[tuple[list[int], np.ndarray]]:
+    path: str | Path, grid: ClipGrid, frame_size: int, decoder: BoundedDecoder | None = None,
+    flow: FlowConfig | None = None,
+) -> Iterator[tuple[list[int], np.ndarray | ClipArrays]]:
     """Every clip of the grid of the video at `path`, `SCORE_BATCH` at a time: (starts,
-    uint8 ``[n, T, S, S, 3]``), decoded by `decoder` (default: this process's, with the
-    default deadline). Raises `VideoError` (`DecodeTimeout` past the deadline)."""
+    uint8 frames ``[n, T, S, S, 3]``), decoded by `decoder` (default: this process's, with
+    the default deadline); with `flow` (a model that reads optical flow), (starts,
+    `ClipArrays`). Raises `VideoError` (`DecodeTimeout` past the deadline)."""
     decoder = decoder or shared_decoder()
     num_frames = decoder.num_frames(path, frame_size)
     starts = grid.starts(num_frames)
     for lo in range(0, len(starts), SCORE_BATCH):
         batch = starts[lo : lo + SCORE_BATCH]
-        yield batch, decoder.read(path, frame_size, [grid.frames(s, num_frames) for s in batch])
+        clips = [grid.frames(s, num_frames) for s in batch]
+        if flow is None:
+            yield batch, decoder.read(path, frame_size, clips)
+        else:
+            yield batch, read_clips(lambda lists: decoder.read(path, frame_size, lists), clips,
+                                    num_frames, grid.frame_interval, flow)
 
 
 def predict_video(
@@ -198,10 +273,14 @@ def predict_video(
             tmp.write(video)
             tmp.flush()
             return predict_video(net, tmp.name, grid, decoder)
-    parts, num_clips, first_clip = [], 0, None
-    for starts, clips in video_clips(video, grid, cfg.frame_size, decoder):
-        first_clip = clips[0].copy() if first_clip is None else first_clip
+    parts, num_clips, first = [], 0, None
+    flow = cfg.flow if cfg.reads_flow else None
+    for starts, clips in video_clips(video, grid, cfg.frame_size, decoder, flow):
+        frames = clips if isinstance(clips, np.ndarray) else clips["frames"]
+        if first is None:
+            first = ({"frames": frames[0].copy()} if isinstance(clips, np.ndarray)
+                     else {key: value[0].copy() for key, value in clips.items()})
         parts.append(score_clips(net, clips))
         num_clips += len(starts)
-    assert first_clip is not None  # a video with frames has at least the clip at 0
-    return VideoPrediction(video_score(np.concatenate(parts)), num_clips, first_clip)
+    assert first is not None  # a video with frames has at least the clip at 0
+    return VideoPrediction(video_score(np.concatenate(parts)), num_clips, first["frames"], first)

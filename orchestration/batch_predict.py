@@ -53,6 +53,7 @@ import ray.data
 from data_shards.cluster import init_ray
 from data_shards.splits import VIDEO_EXTENSIONS
 from model import video as model_video
+from model.config import FlowConfig
 from model.decode_process import DEFAULT_TIMEOUT_S, BoundedDecoder, one_line
 from orchestration.errors import ConfigError
 from orchestration.evaluate import PREDICTION_FIELDS
@@ -237,28 +238,36 @@ class PartWriter:
 
 def decode_videos(
     batch: dict[str, np.ndarray], *, grid: model_video.ClipGrid, frame_size: int,
-    timeout_s: float, run_id: str,
+    timeout_s: float, run_id: str, flow: FlowConfig | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data task: videos in (`index`, `path`), clip rows out, `SCORE_BATCH` at a time:
-    index, clip uint8 [T, S, S, 3], num_clips (the video's), error ("" when fine). A video
-    that fails yields one row with its error (and no clip worth scoring) and stops."""
+    index, clip uint8 [T, S, S, 3], num_clips (the video's), error ("" when fine); with
+    `flow` (a model that reads it), clip_flow uint8 [T, S, S, 2L] too. A video that fails
+    yields one row with its error (and no clip worth scoring) and stops."""
     decoder = _run_decoder(run_id, timeout_s)
     for index, path in zip(batch["index"], batch["path"], strict=True):
         try:
             # The total first: the driver knows a video is done when this many clips are in.
             total = len(grid.starts(decoder.num_frames(str(path), frame_size)))
-            for starts, clips in model_video.video_clips(str(path), grid, frame_size, decoder):
+            for starts, clips in model_video.video_clips(
+                str(path), grid, frame_size, decoder, flow
+            ):
                 n = len(starts)
+                arrays = {"clip": clips} if isinstance(clips, np.ndarray) else {
+                    "clip": clips["frames"], "clip_flow": clips["optical_flow"]}
                 yield {
-                    "index": np.full(n, index, np.int64), "clip": clips,
+                    "index": np.full(n, index, np.int64), **arrays,
                     "num_clips": np.full(n, total, np.int64), "error": np.full(n, "", object),
                 }
         except model_video.VideoError as err:
             from orchestration.mlflow_model import decode_error
 
+            shape = (1, grid.clip_len, frame_size, frame_size)
+            empty = {} if flow is None else {"clip_flow": np.zeros((*shape, 2 * flow.stack),
+                                                                   np.uint8)}
             yield {
-                "index": np.array([index], np.int64),
-                "clip": np.zeros((1, grid.clip_len, frame_size, frame_size, 3), np.uint8),
+                "index": np.array([index], np.int64), **empty,
+                "clip": np.zeros((*shape, 3), np.uint8),
                 "num_clips": np.zeros(1, np.int64), "error": np.array([decode_error(err)], object),
             }
 
@@ -300,7 +309,10 @@ class ClipScorer:
         ok = batch["error"] == ""
         scores = np.zeros((len(ok), self.net.cfg.num_classes), np.float32)
         if ok.any():
-            scores[ok] = model_video.score_clips(self.net, batch["clip"][ok])
+            arrays = {"frames": batch["clip"][ok]}
+            if "clip_flow" in batch:
+                arrays["optical_flow"] = batch["clip_flow"][ok]
+            scores[ok] = model_video.score_clips(self.net, arrays)
         return {k: batch[k] for k in ("index", "num_clips", "error")} | {"scores": scores}
 
 
@@ -438,6 +450,7 @@ def _run(
         clips = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             decode_videos, batch_size=1, num_cpus=pool.decode_cpus,
             fn_kwargs={"grid": loaded.grid, "frame_size": cfg.frame_size,
+                       "flow": cfg.flow if cfg.reads_flow else None,
                        "timeout_s": timeout_s, "run_id": writer.stamp},
         )
         scored = clips.map_batches(

@@ -177,6 +177,9 @@ def plan_report(cfg: JlstmConfig, nodes: list[NodeShape]) -> dict[str, Any]:
         "cache_bytes": size.cache_bytes,
         "bytes_per_clip": size.bytes_per_clip,
         "data_source": size.source,
+        "flow_pairs": size.flow_pairs,
+        "flow_cpu_hours": size.flow_cpu_hours,
+        "flow_when": size.flow_when,
     }
 
 
@@ -207,6 +210,9 @@ def print_plan(report: dict[str, Any]) -> None:
           f"(at any number of workers), {number('test_clips')} test clips")
     print(f"  {report['bytes_per_clip'] / 2**20:.2f} MiB per clip; feature cache "
           + ("unknown" if gib is None else f"{gib:,.1f} GiB"))
+    if report.get("flow_pairs") is not None:
+        print(f"  optical flow: {report['flow_pairs']:,} DIS pairs {report['flow_when']}, "
+              f"about {report['flow_cpu_hours']:,.1f} CPU hours")
 
 
 def _print_workers(plan: dict[str, Any], indent: str) -> None:

@@ -173,9 +173,16 @@ class JlstmConfig(_Section):
         # num_classes is unknown until the manifest exists; 2 stands in so every other
         # model key is checked now, before any work starts.
         try:
-            self.resolve_model(num_classes=2)
+            model = self.resolve_model(num_classes=2)
         except ValidationError as err:
             raise ValueError(_format_errors(err, prefix="model.")) from None
+        trained = ClipSpec.of(model).trained
+        if trained and self.data.use_feature_cache:
+            raise ValueError(
+                f"model.inputs {list(trained)} are trained with the network, so the feature "
+                "cache cannot hold them: set data.use_feature_cache = false, or use a frozen "
+                "input instead (flow for flow_cnn)"
+            )
         return self
 
     def resolve_model(self, num_classes: int) -> ModelConfig:
@@ -213,6 +220,11 @@ def parse_override(override: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {override!r}: {problem}; quote strings, e.g. k='a: b'") from None
 
 
+# Two names of one key (`model.taps` is the old name of `model.inputs`): setting either one,
+# by an override, a sweep or a config over its base, replaces the other.
+SAME_KEYS = {"model.inputs": "model.taps", "model.taps": "model.inputs"}
+
+
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     """`raw["a"]["b"] = value` for key `a.b`, creating sections; refuses a non-section."""
     *sections, leaf = key.split(".")
@@ -222,6 +234,8 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{key}: {part!r} is not a section of the config")
         node = child
+    if key in SAME_KEYS:
+        node.pop(SAME_KEYS[key].rpartition(".")[2], None)
     node[leaf] = value
 
 
@@ -268,6 +282,12 @@ def deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
+    model = child.get("model")
+    if isinstance(model, dict) and isinstance(merged.get("model"), dict):
+        for key in ("inputs", "taps"):  # the child's name of the inputs replaces the base's
+            if key in model:
+                merged["model"].pop(SAME_KEYS[f"model.{key}"].rpartition(".")[2], None)
+                merged["model"][key] = model[key]
     return merged
 
 

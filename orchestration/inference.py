@@ -19,9 +19,10 @@ from data_shards.datasets import build_datasets, clip_readers
 from data_shards.errors import BadDataError
 from data_shards.index import ensure_index
 from data_shards.run_data import RunData, load_run_data
-from model import ModelConfig, normalize_frames
+from model import ModelConfig
 from model import video as model_video
 from model.decode_process import DEFAULT_TIMEOUT_S, BoundedDecoder, one_line
+from model.inputs.sources import normalize_sources
 from orchestration import registry, tracking
 from orchestration.checkpoint import BAD_CLIPS_FILE, EVAL_DIR
 from orchestration.config import JlstmConfig
@@ -169,8 +170,10 @@ def predict_video(
     if attention_png:
         clip = prediction.first_clip
         device = next(loaded.net.parameters()).device
+        sources = {key: torch.as_tensor(value[None]).to(device)
+                   for key, value in prediction.first_sources.items()}
         with torch.no_grad():
-            out = loaded.net(normalize_frames(torch.as_tensor(clip[None]).to(device)))
+            out = loaded.net(normalize_sources(sources))
         plot_attention_overlay(
             clip, out.attention[0].cpu().numpy(), Path(attention_png),
             title=f"{video.name}: {ranked[0][0]}",

@@ -52,6 +52,8 @@ _REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pydantic"
 # The module the pyfunc decodes videos with (`model.video`); its distribution is whichever
 # installed one provides it (decord, or a fork such as decord2), at its installed version.
 _DECODER_MODULE = "decord"
+# What a flow model's pyfunc computes its optical flow with (OpenCV's DIS, `model.flow`).
+_FLOW_PACKAGE = "opencv-python-headless"
 
 
 def registered_model_name(dataset: str) -> str:
@@ -95,12 +97,14 @@ def input_example(tmp: Path) -> pd.DataFrame:
     return pd.DataFrame({"video_b64": [base64.b64encode(data).decode("ascii")]})
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(model_cfg: ModelConfig) -> list[str]:
     """`pkg==version` of the installed packages the pyfunc imports (local tags dropped), the
-    video decoder's distribution included."""
+    video decoder's distribution included, and OpenCV for a model that reads optical flow
+    (`model.flow` computes it inside the shipped pipeline)."""
     decoder = packages_distributions().get(_DECODER_MODULE, [_DECODER_MODULE])[0]
+    flow = (_FLOW_PACKAGE,) if model_cfg.reads_flow else ()
     pins = []
-    for package in (*_REQUIREMENTS, decoder):
+    for package in (*_REQUIREMENTS, decoder, *flow):
         try:
             pins.append(f"{package}=={version(package).split('+', 1)[0]}")
         except PackageNotFoundError:
@@ -156,7 +160,7 @@ def log_model(
             code_paths=[str(Path(model_package.__file__).resolve().parent)],
             signature=model_signature(),
             input_example=input_example(Path(tmp)),
-            pip_requirements=_pip_requirements(),
+            pip_requirements=_pip_requirements(model_cfg),
             registered_model_name=registered_model_name,
             # Two copies: one shared dict would be written as a YAML anchor and alias.
             metadata=dict(pipeline),

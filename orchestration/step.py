@@ -16,6 +16,8 @@ from torch import nn
 
 from data_shards.config import TAP_PREFIX, TAP_SCALE_PREFIX
 from model import JointAttentionNet, ModelOutput, clip_scores, normalize_frames
+from model.inputs import SOURCES
+from model.inputs.sources import normalize_sources
 from orchestration.config import TrainConfig
 from orchestration.metrics import LOSS_TERMS
 
@@ -79,29 +81,31 @@ def bad_clips(rows: dict[str, np.ndarray]) -> list[BadClip]:
 
 def input_arrays(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The arrays of a batch that cross to the device as they are: each cached tap (and a
-    uint8 cache's per-channel scales), or the uint8 frames."""
-    names = [k for k in rows if k.startswith((TAP_PREFIX, TAP_SCALE_PREFIX))] or ["frames"]
+    uint8 cache's per-channel scales) and each decoded source (uint8 frames, and optical
+    flow for a model that reads it)."""
+    names = [k for k in rows if k.startswith((TAP_PREFIX, TAP_SCALE_PREFIX)) or k in SOURCES]
     return {k: np.asarray(rows[k]) for k in names}
 
 
 def model_inputs(raw: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
     """`input_arrays`, on the device, as the network takes them: float16 taps
     ``{tap: [B, T, 512, K, K]}`` (a uint8 cache's bytes times their scale, multiplied on
-    the device so only the bytes cross to it), or normalized frames ``[B, T, 3, S, S]``.
-    Device ops only, so a CUDA graph can hold them."""
-    if "frames" in raw:
+    the device so only the bytes cross to it) and normalized sources (`normalize_sources`);
+    frames alone as the tensor ``[B, T, 3, S, S]``. Device ops only, so a CUDA graph can
+    hold them."""
+    if set(raw) == {"frames"}:
         return normalize_frames(raw["frames"])
-    taps = {}
+    inputs = normalize_sources({key: raw[key] for key in SOURCES if key in raw})
     for key, values in raw.items():
         if not key.startswith(TAP_PREFIX):
             continue
         tap = key.removeprefix(TAP_PREFIX)
         scale = raw.get(TAP_SCALE_PREFIX + tap)
-        taps[tap] = (
+        inputs[tap] = (
             values if scale is None
             else (values.float() * scale[:, None, :, None, None]).half()
         )
-    return taps
+    return inputs
 
 
 def build_optimizer(

@@ -367,7 +367,7 @@ def evaluate_shard(
     if on_target:  # [clips, branches]: the mean over test clips (and steps) per branch
         per_branch = np.concatenate(on_target).mean(axis=0)
         out |= {f"{ATTENTION_ON_TARGET}_{tap}": float(v)
-                for tap, v in zip(model.cfg.taps, per_branch, strict=True)}
+                for tap, v in zip(model.cfg.inputs, per_branch, strict=True)}
         out[ATTENTION_ON_TARGET] = float(per_branch.mean())
     videos = len(np.unique(merged.video_id))
     out |= {VAL_VIDEOS_SCORED: float(videos), VAL_VIDEOS_UNSCORED: float(test_videos - videos)}

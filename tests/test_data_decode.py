@@ -10,12 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
+from data_shards.clips import flow_frames
 from data_shards.decode import decode_batch, decode_clip
-from data_shards.synth import read_frame_index, write_index_video
+from data_shards.synth import read_frame_index, write_index_video, write_video
+from model.config import FlowConfig
 from model.decode_process import BoundedDecoder, DecodeTimeout
+from model.flow import decode_flow
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +156,44 @@ def test_a_video_replaced_under_the_same_path_is_read_anew(tmp_path: Path) -> No
         assert [read_frame_index(frame) for frame in clip] == [30, 31]
     finally:
         decoder.close()
+
+
+def test_flow_frames_pair_each_clip_frame_with_the_next_at_the_interval() -> None:
+    # The clip's frames first, then the one frame past it; the last frame pairs with itself
+    # where the video ends (a zero flow), never with the video's first.
+    assert flow_frames([0, 2, 4, 6], 9, 2, 1) == ([0, 2, 4, 6, 8], [(0, 1), (1, 2), (2, 3),
+                                                                     (3, 4)])
+    assert flow_frames([4, 6], 7, 2, 1) == ([4, 6], [(0, 1), (1, 1)])
+    frames, pairs = flow_frames([0, 1], 10, 1, 3)  # a stack of 3 flows a step
+    assert frames == [0, 1, 2, 3, 4] and pairs == [(0, 1), (1, 2), (2, 3), (1, 2), (2, 3),
+                                                   (3, 4)]
+
+
+def test_decode_batch_computes_the_optical_flow_of_a_model_that_reads_it(
+    tmp_path: Path,
+) -> None:
+    """A textured frame panned right by 2 px a frame: with compensation none the flow is
+    +2 px in x and 0 in y, at the clip's frame interval (4 px at interval 2); the camera
+    compensation of the default takes the pan away. Failed rows are zeros."""
+    rng = np.random.default_rng(0)
+    world = cv2.GaussianBlur(rng.integers(0, 256, (64, 200, 3), dtype=np.uint8), (0, 0), 2)
+    frames = np.stack([world[:, 2 * t : 2 * t + 64] for t in range(40)])[:, :, ::-1]
+    path = write_video(tmp_path / "pan.avi", np.ascontiguousarray(frames))
+    batch = {
+        "video_path": np.array([str(path), str(path), "/nonexistent.avi"]),
+        "num_frames": np.array([40, 40, 40]), "label": np.array([0, 0, 1]),
+        "video_id": np.array([0, 0, 1]), "clip_start": np.array([0, 10, 0]),
+    }
+    raw = decode_batch(batch, clip_len=4, frame_interval=2, frame_size=64,
+                       flow=FlowConfig(compensation="none"))
+    assert raw["ok"].tolist() == [True, True, False]
+    assert raw["optical_flow"].shape == (3, 4, 64, 64, 2)
+    assert raw["optical_flow"].dtype == np.uint8 and not raw["optical_flow"][2].any()
+    flow = decode_flow(raw["optical_flow"][:2, :, 16:48, 16:48])
+    assert np.median(flow[..., 0]) == pytest.approx(4.0, abs=0.5)  # 2 px x interval 2
+    assert np.median(flow[..., 1]) == pytest.approx(0.0, abs=0.5)
+    compensated = decode_batch(batch, clip_len=4, frame_interval=2, frame_size=64,
+                               flow=FlowConfig(stack=2))
+    assert compensated["optical_flow"].shape == (3, 4, 64, 64, 4)
+    assert np.abs(np.median(decode_flow(compensated["optical_flow"][:2]))) < 0.5
+    np.testing.assert_array_equal(compensated["frames"], raw["frames"])

@@ -2,25 +2,40 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
 
+from data_shards.cli import main as data_cli
 from data_shards.config import DataConfig
 from data_shards.index import list_entries, probe_video
 from data_shards.splits import parse_hmdb51_splits, parse_ucf101_splits
 from data_shards.synth import (
+    CAMERA_CLASSES,
     SPLIT_FILES,
+    _camera_frames,
+    _camera_path,
+    _camera_pools,
+    _camera_tracks,
+    _draw_camera_scene,
     _grid_velocities,
+    _keep_in_view,
     _motion_frames,
+    _object_patch,
+    _object_velocity,
+    _video_source,
     synthesize_dataset,
     synthesize_from_splits,
+    write_video,
 )
 from data_shards.targets import TARGETS_FILE, box_cells
 
@@ -207,3 +222,164 @@ def test_box_cells_cover_every_location_the_box_touches_wrapping() -> None:
     assert set(zip(*np.nonzero(cells), strict=True)) == {(3, 3), (3, 0), (0, 3), (0, 0)}
     # A box inside one location.
     assert box_cells(9, 17, 4, 32, 4).reshape(4, 4)[1, 2] and box_cells(9, 17, 4, 32, 4).sum() == 1
+
+
+# ---- the "camera" scene --------------------------------------------------------------------
+
+# sha256 of the frames and boxes the square scene rendered (seed 3, 2 classes x 2 videos,
+# 32 px, 6 frames) before the camera scene existed: the default must keep writing them
+# (the cached demo data and every test built on synthetic videos depend on it).
+_SQUARE_RENDER_SHA256 = "26e03f6f223829e3c9447b46eb8a4fe4e133da6d5738a8c061e327f2f6ab4359"
+
+
+def test_default_scene_writes_the_videos_it_always_did(tmp_path: Path) -> None:
+    names, render = _video_source("square", classes=2, seed=3, frame_size=32, num_frames=6)
+    digest = hashlib.sha256()
+    for k in (0, 0, 1, 1):  # the dataset's order: class by class
+        frames, boxes = render(k)
+        digest.update(frames.tobytes())
+        digest.update(np.asarray(boxes, dtype=np.int64).tobytes())
+    assert names == ["SquareEast", "SquareWest"]
+    assert digest.hexdigest() == _SQUARE_RENDER_SHA256
+    kwargs = {"classes": 2, "videos_per_class": 2, "seed": 3, "frame_size": 32, "num_frames": 6}
+    default = _files(synthesize_dataset(tmp_path / "default", **kwargs))
+    assert default == _files(synthesize_dataset(tmp_path / "square", scene="square", **kwargs))
+
+
+def test_camera_scene_writes_its_classes_in_both_layouts(tmp_path: Path) -> None:
+    kwargs = {"scene": "camera", "videos_per_class": 3, "frame_size": 32, "num_frames": 8}
+    ucf = synthesize_dataset(tmp_path / "ucf", classes=6, **kwargs)
+    assert sorted(p.name for p in (ucf / "UCF-101").iterdir()) == sorted(CAMERA_CLASSES)
+    entries = parse_ucf101_splits(ucf / "ucfTrainTestlist", 1)
+    assert len(entries) == 18 and all((ucf / "UCF-101" / e.path).is_file() for e in entries)
+    assert probe_video(str(ucf / "UCF-101" / entries[0].path))["num_frames"] == 8
+    boxes = pq.read_table(ucf / TARGETS_FILE).to_pandas()
+    assert sorted(boxes["video"].unique()) == sorted(
+        str(p.relative_to(ucf)) for p in ucf.rglob("*.avi")
+    )
+    assert (boxes.groupby("video")["frame"].count() == 8).all()
+    # The object stays wholly inside the frame: its box never wraps.
+    assert (boxes["top"] >= 0).all() and (boxes["left"] >= 0).all()
+    assert (boxes[["top", "left"]].max(axis=1) + boxes["side"] <= 32).all()
+    hmdb = synthesize_dataset(tmp_path / "hmdb", layout="hmdb51", classes=2, **kwargs)
+    assert sorted(p.name for p in (hmdb / "hmdb51").iterdir()) == ["objectsteadyfast",
+                                                                  "objectsteadyslow"]
+    assert len(parse_hmdb51_splits(hmdb / "testTrainMulti_7030_splits", 1)) == 6
+    again = synthesize_dataset(tmp_path / "again", layout="hmdb51", classes=2, **kwargs)
+    assert _files(again) == _files(hmdb)  # deterministic per seed
+
+
+def _global_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """(dy, dx) by which frame b's content is frame a's moved (phase correlation)."""
+    fa, fb = (np.fft.fft2(f.astype(float).mean(axis=2) - f.mean()) for f in (a, b))
+    cross = fb * np.conj(fa)
+    peak = np.real(np.fft.ifft2(cross / (np.abs(cross) + 1e-9)))
+    y, x = np.unravel_index(np.argmax(peak), peak.shape)
+    h, w = peak.shape
+    return (int(y + h // 2) % h - h // 2, int(x + w // 2) % w - w // 2)
+
+
+def test_the_camera_pans_and_shakes_and_the_video_shows_it(tmp_path: Path) -> None:
+    size, num_frames = 48, 12
+    scene = _draw_camera_scene(_camera_pools(size, 0), np.random.default_rng(1), num_frames, size)
+    camera = _camera_path(scene, num_frames, size)
+    steps = np.diff(camera, axis=0)
+    assert np.abs(steps).sum(axis=1).mean() > 0.5  # it moves every frame or two
+    assert (camera >= 0).all() and (camera <= size).all()  # the view stays in the world
+    # Decoded, the background moves against the camera: -its step, frame after frame.
+    frames, _ = _camera_frames("ObjectCircle", scene, num_frames, size)
+    with av.open(str(write_video(tmp_path / "v.avi", frames))) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    shifts = np.array([_global_shift(a, b) for a, b in itertools.pairwise(decoded)])
+    assert np.abs(shifts).sum(axis=1).mean() > 0.5
+    assert (shifts == -steps).all(axis=1).mean() >= 0.8
+
+
+def test_on_screen_motion_is_the_objects_own_minus_the_cameras() -> None:
+    rng = np.random.default_rng(0)
+    velocity = rng.normal(0, 2, size=(9, 2))
+    camera = np.cumsum(rng.integers(-2, 3, size=(10, 2)), axis=0)
+    # A frame so large the object never reaches a border: nothing bounces.
+    screen = _keep_in_view(velocity, camera, (500.0, 500.0), 1000, 10)
+    own = np.concatenate([np.zeros((1, 2)), np.cumsum(velocity, axis=0)])
+    assert (screen == np.rint(500 + own - (camera - camera[0]))).all()
+    # In a small frame it bounces off the borders instead of leaving or wrapping.
+    screen = _keep_in_view(np.full((40, 2), 3.0), np.zeros((41, 2), int), (0.0, 0.0), 32, 8)
+    assert screen.min() == 0 and screen.max() == 24 and len(np.unique(screen[:, 0])) > 2
+    assert (np.abs(np.diff(screen, axis=0)) == 3).all()  # at its own speed all the way
+
+
+def _profile(velocity: np.ndarray) -> np.ndarray:
+    """(mean speed, speed std, net travel / path length over 24 frames) of [T - 1, 2] steps."""
+    speed = np.linalg.norm(velocity, axis=1)
+    straightness = np.linalg.norm(velocity[:24].sum(axis=0)) / speed[:24].sum()
+    return np.array([speed.mean(), speed.std(), straightness])
+
+
+def test_classes_differ_in_motion_and_not_in_look() -> None:
+    size, num_frames = 64, 49
+    pools = _camera_pools(size, 0)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        scene = _draw_camera_scene(pools, rng, num_frames, size)
+        # One scene, every class: the same look, world, camera and distractor (frame 0 is
+        # the same), only the object's own motion differs.
+        firsts = [_camera_frames(n, scene, num_frames, size)[0][0] for n in CAMERA_CLASSES]
+        assert all((first == firsts[0]).all() for first in firsts)
+        cameras = [_camera_tracks(n, scene, num_frames, size)[0] for n in CAMERA_CLASSES]
+        assert all((c == cameras[0]).all() for c in cameras)
+        profiles = [
+            _profile(_object_velocity(n, num_frames, 1.0, scene.direction, scene.handed,
+                                      scene.phase))
+            for n in CAMERA_CLASSES
+        ]
+        for i, a in enumerate(profiles):  # every pair of classes moves clearly differently
+            assert all(np.abs(a - b).max() >= 0.3 for b in profiles[:i])
+        # The direction is no cue: a class's speed profile is the same in every direction.
+        for name in CAMERA_CLASSES:
+            speeds = [
+                np.linalg.norm(_object_velocity(name, num_frames, 1.0, d, 1, 0.0), axis=1)
+                for d in (0.0, 2.0, 4.0)
+            ]
+            assert np.allclose(speeds[0], speeds[1]) and np.allclose(speeds[0], speeds[2])
+        # Object and distractor looks come from the pools every class shares.
+        for look in (scene.look, scene.distractor_look):
+            assert any(look["colour"] is c for c in pools["colour"])
+            assert look["side"] in pools["side"]
+            assert any(look["texture"] is t for t in pools["texture"])
+        assert any(scene.world is w for w in pools["world"])
+
+
+def test_camera_boxes_are_where_the_object_is_drawn() -> None:
+    size, num_frames = 32, 20
+    scene = _draw_camera_scene(_camera_pools(size, 4), np.random.default_rng(4), num_frames, size)
+    frames, boxes = _camera_frames("ObjectZigZag", scene, num_frames, size)
+    assert frames.shape == (num_frames, size, size, 3) and frames.dtype == np.uint8
+    patch = _object_patch(scene.look)
+    for frame, (top, left, side) in zip(frames, boxes, strict=True):
+        assert 0 <= top <= size - side and 0 <= left <= size - side
+        assert (frame[top : top + side, left : left + side] == patch).all()
+
+
+@pytest.mark.parametrize("classes", [0, 7])
+def test_camera_scene_refuses_a_class_count_it_cannot_make(tmp_path: Path, classes: int) -> None:
+    match = f"classes={classes} is not allowed for scene 'camera': choose 1..6"
+    with pytest.raises(ValueError, match=match):
+        synthesize_dataset(tmp_path, scene="camera", classes=classes)
+    with pytest.raises(ValueError, match="scene='tilt' is not allowed"):
+        synthesize_dataset(tmp_path, scene="tilt")  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_synth_camera_scene(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = data_cli(["synth", "--out", str(tmp_path / "d"), "--scene", "camera", "--classes",
+                     "2", "--videos-per-class", "2", "--frame-size", "32", "--num-frames", "4"])
+    assert code == 0
+    assert "wrote 4 videos (ucf101 layout, camera scene)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "d" / "UCF-101").iterdir()) == [
+        "ObjectSteadyFast", "ObjectSteadySlow"]
+    refused = _synth_from_ucf_lists(tmp_path / "s", ["--scene", "camera"], 60)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        "--splits-from writes the square scene only: drop --scene camera"]
+    assert not (tmp_path / "s" / "UCF-101").exists()

@@ -185,6 +185,11 @@ def test_predict_names_the_right_class_after_a_short_training(
 
     Predict is not told the frame interval (2): it comes with the registered model.
 
+    The model reads optical flow beside VGG16's pool4 (inputs [pool4, flow]): the flow is
+    computed by the cache build, then again inside the registered model's own pipeline by
+    `jlstm predict` (one video, and the folder on Ray Data) and by `mlflow models serve`,
+    whose environment gets OpenCV from the model's requirements.
+
     The tiny run above learns nothing in 3 epochs (16-frame 64 px videos are too little
     motion), so this one takes the demo's model and data sizes on 2 classes x 12 videos,
     over cached taps (plain-loop trials of this setup, 4 seeds: 100% of the training
@@ -201,7 +206,7 @@ def test_predict_names_the_right_class_after_a_short_training(
         root, tmp_path / "ray_storage", "learns",
         model={
             "frame_size": 96, "clip_len": 8, "last_steps": 4, "map_size": 6,
-            "taps": ["pool4", "conv5_3"], "channels": 32, "hidden_size": 64,
+            "inputs": ["pool4", "flow"], "channels": 32, "hidden_size": 64,
             "supervision_hidden": 32, "attention_reg_weight": 1.0,
         },
         data={
@@ -229,6 +234,19 @@ def test_predict_names_the_right_class_after_a_short_training(
     top_probability, top_class = out.stdout.split()[:2]
     assert top_class == video.parent.name, out.stdout
     assert float(top_probability.rstrip("%")) > 50
+    requirements = Path(mlflow.artifacts.download_artifacts(
+        "models:/jlstm-ucf101@champion/requirements.txt", dst_path=str(tmp_path / "req"),
+        tracking_uri=uri)).read_text()
+    assert "opencv-python-headless==" in requirements, requirements
+
+    # The folder on Ray Data (decode tasks computing the flow, scoring actors): every video
+    # scored, the training video named as `jlstm predict` named it.
+    predictions = tmp_path / "predictions.parquet"
+    assert jlstm_main(["predict", str(root / "UCF-101"), "--model",
+                       "models:/jlstm-ucf101@champion", "--out", str(predictions)]) == 0
+    rows = {Path(r["video"]).name: r for r in pq.read_table(predictions).to_pylist()}
+    assert len(rows) == 24 and all(r["error"] == "" for r in rows.values())
+    assert rows[video.name]["label"] == video.parent.name
 
     # The same model served by `mlflow models serve` names the class of the video's bytes.
     with serving_model("models:/jlstm-ucf101@champion", uri, tmp_path) as url:

@@ -17,7 +17,8 @@ from matplotlib.lines import Line2D
 LAMBDA_KEY = "model.attention_reg_weight"
 ZETA_KEY = "train.weight_decay"
 FUSION_KEY = "model.fusion"
-TAPS_KEY = "model.taps"
+TAPS_KEY = "model.taps"  # the trials table's column of each trial's inputs ("pool4+flow")
+INPUTS_KEY = "model.inputs"  # the inputs' name in a space (TAPS_KEY, their old one, too)
 FIGSIZE = (11.0, 4.5)
 DPI = 100
 FUSION_COLOURS = {"early": "tab:blue", "late": "tab:orange"}

@@ -235,7 +235,7 @@ def prepare_data(cfgs: list[JlstmConfig], synthetic: bool) -> None:
     for (dataset, split), group in sorted(groups.items()):
         if synthetic:
             _synthesize(group[0])
-        taps = sorted({tap for cfg in group for tap in cfg.resolve_model(2).taps})
+        taps = sorted({tap for cfg in group for tap in cfg.clip_spec(2).taps})
         log.info("preparing %s split %d: index, feature cache of %s", dataset, split, taps)
         ensure_index_and_cache(group[0], taps)
 

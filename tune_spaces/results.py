@@ -129,8 +129,8 @@ def _trials_table(
             LAMBDA_KEY: model_cfg.attention_reg_weight,
             ZETA_KEY: _lookup(effective, ZETA_KEY) or base.train.weight_decay,
             FUSION_KEY: model_cfg.fusion,
-            TAPS_KEY: "+".join(model_cfg.taps),
-            "branches": len(model_cfg.taps),
+            TAPS_KEY: "+".join(model_cfg.inputs),
+            "branches": len(model_cfg.inputs),
             **{f"config/{k}": (str(v) if isinstance(v, list) else v) for k, v in values.items()},
             **{k: v for k, v in metrics.items()
                if isinstance(v, int | float) and not isinstance(v, bool)},

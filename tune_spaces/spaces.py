@@ -7,7 +7,7 @@
       model.attention_reg_weight: {loguniform: [1, 10000]}
       train.weight_decay: {loguniform: [1.0e-6, 1.0e-3]}
       model.fusion: {choice: [early, late]}
-      model.taps: {choice: [[pool4], [conv5_3], [pool4, conv5_3]]}
+      model.inputs: {choice: [[pool4], [conv5_3], [pool4, conv5_3], [pool4, conv5_3, flow]]}
 
 `{grid: [...]}` runs every value (Ray Tune's `grid_search`): each of the `num_samples`
 repetitions runs every combination of the grids, with the other keys sampled anew.
@@ -44,6 +44,8 @@ PAPER_POINT: dict[str, Any] = {
     "model.fusion": "late",
     "model.taps": ["pool4", "conv5_3"],
 }
+# The paper's point under either name of the inputs a space may sweep.
+_PAPER_VALUES = {**PAPER_POINT, "model.inputs": PAPER_POINT["model.taps"]}
 # Set by the sweep for every trial (run name, storage) or the same for all trials by design
 # (resources are planned once per sweep), so a space may not vary them.
 RESERVED_PREFIXES = ("run_name", "cluster.")
@@ -211,7 +213,7 @@ class SweepConfig(_Strict):
             return None
         return {
             key: self.space[key].encode(value)
-            for key, value in PAPER_POINT.items()
+            for key, value in _PAPER_VALUES.items()
             if key in self.space and self.space[key].kind != "grid"
         }
 
@@ -277,7 +279,7 @@ def validate_sweep(raw: dict[str, Any], source: str = "<sweep>") -> tuple[SweepC
 def _check_paper_point(sweep: SweepConfig, base_raw: dict[str, Any], source: str) -> None:
     if not sweep.include_paper_point:
         return
-    point = {k: v for k, v in PAPER_POINT.items() if k in sweep.space}
+    point = {k: v for k, v in _PAPER_VALUES.items() if k in sweep.space}
     grids = [k for k in point if sweep.space[k].kind == "grid"]
     if grids:
         # Tune would pin those keys for one repetition and skip the rest of their grid.
@@ -287,7 +289,7 @@ def _check_paper_point(sweep: SweepConfig, base_raw: dict[str, Any], source: str
         )
     outside = [k for k, v in point.items() if not sweep.space[k].contains(v)]
     if outside:
-        details = "; ".join(f"{k} = {PAPER_POINT[k]!r}" for k in outside)
+        details = "; ".join(f"{k} = {_PAPER_VALUES[k]!r}" for k in outside)
         raise ConfigError(
             f"{source}: include_paper_point = true but the space excludes the paper's "
             f"{details}; widen the space or set include_paper_point: false"

@@ -20,7 +20,7 @@ from data_shards.errors import StaleCacheError
 from data_shards.features import build_feature_cache, check_cache
 from data_shards.index import ensure_index
 from data_shards.splits import class_names
-from model.backbone import TAP_LAST_INDEX
+from model.inputs import in_encoder_order, input_kind
 from orchestration import tracking
 from orchestration.config import JlstmConfig, absolute_path, validate_config
 from orchestration.driver import preflight
@@ -28,7 +28,7 @@ from orchestration.errors import ConfigError
 from orchestration.resources import ResourcePlan, feature_pool, live_nodes
 from orchestration.session import plan_run
 from tune_spaces.release import ReleaseEndedTrainRuns, registry
-from tune_spaces.report import TAPS_KEY
+from tune_spaces.report import INPUTS_KEY, TAPS_KEY
 from tune_spaces.results import SweepResult, finish_sweep
 from tune_spaces.spaces import SweepConfig
 from tune_spaces.trial import run_trial
@@ -43,11 +43,13 @@ CACHE_KEYS = (
 
 
 def _union_taps(sweep: SweepConfig, base: JlstmConfig) -> list[str]:
-    taps = set(base.resolve_model(2).taps)
-    if TAPS_KEY in sweep.space:
-        for option in sweep.space[TAPS_KEY].corners():
-            taps |= set(option)
-    return sorted(taps, key=TAP_LAST_INDEX.__getitem__)  # VGG16's layer order
+    """Every frozen input a trial can pick (the cache holds them all), in cache order."""
+    taps = set(base.clip_spec(2).taps)
+    for key in (TAPS_KEY, INPUTS_KEY):  # the inputs' old name and theirs
+        if key in sweep.space:
+            for option in sweep.space[key].corners():
+                taps |= {name for name in option if not input_kind(name).trainable}
+    return in_encoder_order(taps)
 
 
 def ensure_cache(sweep: SweepConfig, base: JlstmConfig) -> None:
@@ -76,7 +78,7 @@ def ensure_index_and_cache(base: JlstmConfig, taps: list[str]) -> None:
     if not base.data.use_feature_cache:
         return
     names = class_names(manifest)
-    ordered = sorted(set(taps), key=TAP_LAST_INDEX.__getitem__)  # VGG16's layer order
+    ordered = in_encoder_order(taps)  # VGG16's layer order, then the flow's
     union = base.clip_spec(len(names)).with_taps(ordered)
     try:
         check_cache(base.data, union)
