@@ -4,7 +4,7 @@ A synthetic video set (`synthesize_dataset`, UCF101 layout, frames at S * 3 / 4 
 decode, as UCF101's 320 x 240 are) is indexed and cached with `build_feature_cache`, the
 frozen VGG16 taps of configs/ucf101_late_fusion.yaml, on a local Ray of --ray-cpus CPUs and
 the actor pool `jlstm data features` uses (`feature_pool`: one VGG16 actor of 1 CPU + 1 GPU
-per GPU; on CPU one per 2 CPUs). Each actor decodes its videos itself (decord, one thread,
+per GPU; on CPU one per CPU). Each actor decodes its videos itself (decord, one thread,
 on its one CPU) and runs VGG16 on them in turn, so the build's rate is about
 actors / (1 / decode + 1 / VGG16). Then, to say which of the two bounds it:
 

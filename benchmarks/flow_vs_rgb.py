@@ -48,6 +48,7 @@ from data_shards.manifest import load_manifest
 from data_shards.synth import synthesize_dataset
 from orchestration.config import JlstmConfig
 from orchestration.driver import build_trainer, prepare_data
+from orchestration.resources import feature_pool, live_nodes
 from orchestration.session import plan_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,7 +145,7 @@ def main() -> None:
             # Timed apart; the second build (with flow) is the one the runs read.
             spec = base.clip_spec(num_classes=args.classes).with_taps(taps)
             cache_started = time.time()
-            build_feature_cache(base.data, spec, rebuild=True)
+            build_feature_cache(base.data, spec, rebuild=True, **feature_pool(live_nodes()))
             cache_s[name] = round(time.time() - cache_started, 1)
         runs = []
         for seed in seeds:

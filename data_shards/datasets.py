@@ -131,7 +131,8 @@ def build_datasets(
     """{"train", "val"} datasets of clip rows for `TorchTrainer(datasets=...)`.
 
     Rows: label, video_id, clip_start (int64), num_frames; decoded (no feature cache): ok
-    (bool), error (str) and frames (uint8 [T, S, S, 3]). With use_feature_cache the taps
+    (bool), error (str) and frames (uint8 [T, S, S, 3]), and for a model with a flow input
+    optical_flow (uint8 [T, S, S, 2L], `ClipSpec.decode_flow`). With use_feature_cache the taps
     are read by the consumer: iterate with `iter_clip_batches(ds, n, clip_readers(...)[name])`
     to get taps_<name> per tap of `clip_spec.taps`, ok and error. Failed clips are rows with
     ok=False, never exceptions. `val` comes in enough blocks for each of `eval_workers`

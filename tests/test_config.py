@@ -83,3 +83,24 @@ def test_shipped_sweep_configs_validate(path: Path) -> None:
     sweep, base = load_sweep(path)
     assert "model.attention_reg_weight" in sweep.space  # every shipped sweep varies lambda
     assert validate_config(base, source=str(path)).variant
+
+
+def test_inputs_and_their_old_name_taps_replace_each_other(tmp_path: Path) -> None:
+    """`model.taps` is the old name of `model.inputs`: a config over its base, or a --set,
+    that names either replaces the other; one mapping naming both is refused."""
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"model": {"taps": ["conv5_3"], "channels": 8},
+                                    "data": {"dataset": "ucf101", "root": str(tmp_path)}}))
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"base_config": "base.yaml",
+                                     "model": {"inputs": ["pool4", "flow"]}}))
+    cfg = load_config(child)
+    assert cfg.model == {"channels": 8, "inputs": ["pool4", "flow"]}
+    assert cfg.resolve_model(2).inputs == ["pool4", "flow"]
+    back = load_config(child, ["model.taps=[pool5]"])
+    assert back.resolve_model(2).inputs == ["pool5"] and "inputs" not in back.model
+    assert load_config(base, ["model.inputs=[flow]"]).resolve_model(2).reads_flow
+    both = {"model": {"taps": ["pool4"], "inputs": ["pool4"]},
+            "data": {"dataset": "ucf101", "root": str(tmp_path)}}
+    with pytest.raises(ValueError, match="taps is the old name of inputs"):
+        validate_config(both)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +231,15 @@ def test_a_flow_cache_key_names_the_flow_and_an_rgb_one_does_not() -> None:
     other = ClipSpec.of(small(["pool4", "flow"], flow={"compensation": "none"}).cfg)
     assert cache_key(data, other, manifest)["flow"] != flow_key["flow"]
     assert input_kind("flow").side(64) == 4 and np.isclose(2**input_kind("pool5").pools, 32)
+
+
+def test_a_flow_model_ships_with_opencv_and_an_rgb_one_without() -> None:
+    """The pyfunc of a flow model computes its flow (`model.flow`): OpenCV joins its pinned
+    requirements; an RGB model's stay as they were."""
+    from orchestration.registry import _pip_requirements
+
+    rgb = _pip_requirements(small(["pool4"]).cfg)
+    flow = _pip_requirements(small(["pool4", "flow"]).cfg)
+    assert not any(pin.startswith("opencv") for pin in rgb)
+    pinned = version("opencv-python-headless")
+    assert [pin for pin in flow if pin not in rgb] == [f"opencv-python-headless=={pinned}"]

@@ -15,7 +15,7 @@ import pytest
 
 from data_shards.clips import clip_starts, needed_frames
 from data_shards.config import DataConfig
-from data_shards.sizing import data_size
+from data_shards.sizing import FLOW_PAIRS_PER_CPU_S_224, data_size
 from jlstm.cli import main
 from orchestration.config import ClusterConfig, load_config
 from orchestration.errors import ConfigError
@@ -130,9 +130,9 @@ def test_a_cluster_of_another_python_is_one_line_and_exit_6(
     assert "running Ray cluster of this machine" in err and "RAY_ADDRESS=local" in err
 
 
-def test_feature_pool_uses_each_gpu_or_half_the_cpus() -> None:
+def test_feature_pool_uses_each_gpu_or_each_cpu() -> None:
     assert feature_pool(parse_nodes(["1x8", "4x8:1"])) == {"actors": 4, "use_gpu": True}
-    assert feature_pool(parse_nodes(["1x0", "2x5"])) == {"actors": 4, "use_gpu": False}
+    assert feature_pool(parse_nodes(["1x0", "2x5"])) == {"actors": 10, "use_gpu": False}
     assert feature_pool([NodeShape(1)]) == {"actors": 1, "use_gpu": False}
 
 
@@ -165,6 +165,31 @@ def test_epoch_size_from_a_manifest_is_exact(tmp_path: Path) -> None:
     )
     per_frame = len(clip_spec.taps) * 512 * clip_spec.map_size**2 * 2
     assert size.cache_bytes == frames_cached * per_frame
+
+
+def test_plan_says_what_flow_costs_at_ucf101_scale(capsys: pytest.CaptureFixture[str]) -> None:
+    """The flow config's plan: its cache holds a third input (the flow VGG16's), and the
+    flow is made once, by the cache build: a pair per cached frame, in CPU hours at the
+    config's frame size; the RGB config's plan has no flow line."""
+    flow_config = REPO / "configs" / "ucf101_late_fusion_flow.yaml"
+    splits = ["--nodes", "4x8:1", "--set", f"data.splits_dir={SPLITS}"]
+    assert main(["plan", "--config", str(PAPER), "--json", *splits]) == 0
+    rgb = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--config", str(flow_config), "--json", *splits]) == 0
+    flow = json.loads(capsys.readouterr().out)
+    assert rgb["flow_pairs"] is None and flow["cache_bytes"] == rgb["cache_bytes"] * 3 // 2
+    frames_cached = rgb["cache_bytes"] // (2 * 512 * 11 * 11 * 2)  # 2 taps, float16
+    assert flow["flow_pairs"] == frames_cached and "building the feature cache" in flow["flow_when"]
+    rate = FLOW_PAIRS_PER_CPU_S_224["fast"] * (224 / 384) ** 2
+    assert flow["flow_cpu_hours"] == pytest.approx(frames_cached / rate / 3600)
+    assert main(["plan", "--config", str(flow_config), *splits]) == 0
+    assert "optical flow: " in capsys.readouterr().out
+    # Decoded every epoch instead (no cache): each clip's T + L - 1 pairs, every epoch.
+    assert main(["plan", "--config", str(flow_config), "--json", *splits,
+                 "--set", "data.use_feature_cache=false"]) == 0
+    decoded = json.loads(capsys.readouterr().out)
+    clips = decoded["clips_per_epoch"] + decoded["test_clips"]
+    assert decoded["flow_pairs"] == clips * (30 + 5 - 1) and "every epoch" in decoded["flow_when"]
 
 
 def test_an_elastic_run_starts_at_min_workers_where_num_workers_do_not_fit(

@@ -23,11 +23,11 @@ from data_shards.features import build_feature_cache, check_cache
 from data_shards.index import ensure_index
 from data_shards.synth import synthesize_dataset
 from jlstm.cli import main
-from orchestration.config import load_config
+from orchestration.config import load_config, validate_config
 from orchestration.errors import ConfigError
 from orchestration.resources import NodeShape, ResourcePlan, plan_resources
-from tune_spaces.spaces import PAPER_POINT, load_sweep
-from tune_spaces.sweep import run_sweep
+from tune_spaces.spaces import PAPER_POINT, load_sweep, trial_raw
+from tune_spaces.sweep import _union_taps, run_sweep
 from tune_spaces.trial import TRIAL_TAG
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,6 +202,24 @@ def test_concurrency_leaves_a_cpu_to_ray_data(tmp_path: Path) -> None:
     assert wide.concurrent_runs * (wide.cpus_per_worker + wide.trial_cpus) <= 15.0
     cfg.cluster.cpus_per_worker = 0.49
     assert plan(2.0).concurrent_runs == 2
+
+
+def test_inputs_are_a_searchable_choice_and_the_cache_holds_every_frozen_one(
+    tmp_path: Path,
+) -> None:
+    """`model.inputs` (the name of `model.taps` since inputs are a registry) sweeps flow in
+    or out: the sweep's one cache holds every frozen input a trial can pick, in cache order
+    (VGG16's layers, then the flow VGG16's); a trained input (flow_cnn) is not cached; the
+    paper's point is the RGB pair under the new name too."""
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(_base_config(tmp_path)))
+    space = {"model.inputs": {"choice": [["conv5_3", "flow"], ["pool4", "conv5_3"], ["pool4"]]}}
+    sweep, base_raw = load_sweep(_write_sweep(tmp_path / "flow.yaml", base, space=space,
+                                              include_paper_point=True))
+    assert _union_taps(sweep, validate_config(base_raw)) == ["pool4", "conv5_3", "flow"]
+    assert sweep.decode(sweep.paper_point() or {}) == {"model.inputs": PAPER_POINT["model.taps"]}
+    trial = validate_config(trial_raw(base_raw, {"model.inputs": ["conv5_3", "flow"]}))
+    assert trial.resolve_model(2).inputs == ["conv5_3", "flow"]  # the base's taps replaced
 
 
 def test_cache_of_all_taps_serves_every_branch_set(base_config: Path) -> None:
