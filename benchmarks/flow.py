@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--clip-len", type=int, default=8)
     parser.add_argument("--frame-interval", type=int, default=2)
     parser.add_argument("--stack", type=int, default=1)
-    parser.add_argument("--preset", default="fast", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=FlowConfig().preset, choices=sorted(PRESETS))
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 

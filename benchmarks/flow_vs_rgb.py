@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -73,6 +74,8 @@ def train(base: JlstmConfig, model: str, seed: int, workdir: Path) -> dict[str, 
     if model == "flow_cnn_only":  # trained with the network: read from the videos, not a cache
         raw["data"] = {**raw["data"], "use_feature_cache": False}
     cfg = JlstmConfig.model_validate(raw)
+    # From scratch: a finished run of an earlier call in this workdir would only resume.
+    shutil.rmtree(Path(cfg.cluster.storage_path) / cfg.resolved_run_name(), ignore_errors=True)
     log = workdir / f"{model}-seed{seed}.jsonl"
     log.unlink(missing_ok=True)
     started = time.time()

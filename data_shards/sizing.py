@@ -26,11 +26,13 @@ TYPICAL_FRAMES = {"ucf101": 180, "hmdb51": 101}
 CACHE_BYTES_PER_VALUE = {"float16": 2, "uint8": 1}  # data.cache_dtype
 FRAME_BYTES_PER_PIXEL = 3  # decoded clips are uint8 RGB
 # Optical flow pairs (`model.flow.flow_fields`: DIS, camera compensation by homography,
-# uint8 encoding) one CPU makes a second at 224 x 224, per DIS preset: measured by
-# benchmarks/flow.py on the 2-core development machine (benchmarks/results/flow.json).
-# Other frame sizes are scaled by their pixels (an estimate: DIS's pyramid is not exactly
-# linear in them).
-FLOW_PAIRS_PER_CPU_S_224 = {"ultrafast": 700.0, "fast": 526.0, "medium": 170.0}
+# uint8 encoding) one CPU makes a second at 224 x 224, per DIS preset, on the 2-core
+# development machine: medium from benchmarks/flow.py (benchmarks/results/flow.json,
+# `fields_pairs_per_s`), fast from model/flow.py's docstring; ultrafast is DIS's own rate
+# there (1,841) scaled by fast's share of it left after compensation and encoding (526 of
+# 894). Other frame sizes are scaled by their pixels (an estimate: DIS's pyramid is not
+# exactly linear in them). Decoding the frames is not counted (it is the decode's cost).
+FLOW_PAIRS_PER_CPU_S_224 = {"ultrafast": 1083.0, "fast": 526.0, "medium": 145.0}
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,10 @@ class FlowConfig(BaseModel):
         "frame interval, and on): the encoder reads 2L channels",
     )
     preset: Literal["ultrafast", "fast", "medium"] = Field(
-        "fast", description="OpenCV DIS preset (model/flow.py measures each)"
+        "medium",
+        description="OpenCV DIS preset: medium follows small moving objects (limbs, balls) "
+        "that fast blurs into their surroundings, at about 4.6x fast's cost "
+        "(model/flow.py; benchmarks/README.md: flow_vs_rgb)",
     )
     compensation: Literal["median", "homography", "none"] = Field(
         "homography",

@@ -180,7 +180,7 @@ def test_plan_says_what_flow_costs_at_ucf101_scale(capsys: pytest.CaptureFixture
     assert rgb["flow_pairs"] is None and flow["cache_bytes"] == rgb["cache_bytes"] * 3 // 2
     frames_cached = rgb["cache_bytes"] // (2 * 512 * 11 * 11 * 2)  # 2 taps, float16
     assert flow["flow_pairs"] == frames_cached and "building the feature cache" in flow["flow_when"]
-    rate = FLOW_PAIRS_PER_CPU_S_224["fast"] * (224 / 384) ** 2
+    rate = FLOW_PAIRS_PER_CPU_S_224["medium"] * (224 / 384) ** 2  # the default preset
     assert flow["flow_cpu_hours"] == pytest.approx(frames_cached / rate / 3600)
     assert main(["plan", "--config", str(flow_config), *splits]) == 0
     assert "optical flow: " in capsys.readouterr().out
