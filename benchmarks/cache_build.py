@@ -195,7 +195,7 @@ def time_vgg(model_cfg: ModelConfig, device: torch.device, frames: int,
             for lo in range(0, frames, FORWARD_CHUNK):
                 backbone(x[lo : lo + FORWARD_CHUNK])
 
-    seconds = {"as_built": timed(lambda: writer._taps(host), repeats, device)}
+    seconds = {"as_built": timed(lambda: writer._taps({"frames": host}), repeats, device)}
     for variant in VARIANTS[1:]:
         memory_format = (torch.channels_last if variant.endswith("channels_last")
                          else torch.contiguous_format)

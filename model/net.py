@@ -117,8 +117,7 @@ class JointAttentionNet(nn.Module):
     def encode(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every input's maps ``{name: [B, T, C, K, K]}`` from what a batch carries: the
         normalized sources (``frames`` ``[B, T, 3, S, S]``, ``optical_flow``
-        ``[B, T, 2L, S, S]``)
-        and/or cached maps by input name (which skip their encoder)."""
+        ``[B, T, 2L, S, S]``) and/or cached maps by input name (which skip their encoder)."""
         maps = {name: inputs[name] for name in self.cfg.inputs if name in inputs}
         for attr, names in self.encoder_inputs.items():
             if all(name in maps for name in names):
