@@ -59,6 +59,7 @@ from data_shards.errors import BadDataError, StaleCacheError
 from data_shards.manifest import check_videos_present, load_manifest, video_file
 from model.decode_process import BoundedDecoder, VideoError, one_line, open_video
 from model.inputs import RANDOM_INIT_SEED, encoder_groups, input_kind, reads
+from model.video import step_flows
 
 if TYPE_CHECKING:  # torch loads only where a backbone runs
     from torch import nn
@@ -281,13 +282,7 @@ class _TapWriter:
             frames = self.decoder.read(path, size, [decode])[0]
         sources = {"frames": frames[: len(wanted)]}
         if flow is not None:
-            from model.flow import flow_fields  # OpenCV, for flow caches only
-
-            fields = flow_fields(frames, pairs, preset=flow.preset,
-                                 compensation=flow.compensation, bound=flow.bound_px)
-            stack = fields.reshape(len(wanted), flow.stack, size, size, 2)
-            sources["optical_flow"] = stack.transpose(0, 2, 3, 1, 4).reshape(
-                len(wanted), size, size, 2 * flow.stack)
+            sources["optical_flow"] = step_flows(frames, pairs, len(wanted), flow)
         return sources
 
     def _taps(self, sources: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

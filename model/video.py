@@ -46,7 +46,7 @@ ClipArrays = dict[str, np.ndarray]
 __all__ = [
     "SCORE_BATCH", "VIDEO_RULE", "ClipArrays", "ClipGrid", "VideoError", "VideoPrediction",
     "clip_span", "clip_starts", "flow_frames", "frame_indices", "predict_video", "read_clips",
-    "score_clips", "top_k", "video_clips", "video_score", "video_scores",
+    "score_clips", "step_flows", "top_k", "video_clips", "video_score", "video_scores",
 ]
 
 # A video's class scores are the mean of its clips' scores (MODEL_SPEC section 5).
@@ -100,6 +100,21 @@ def flow_frames(
     return decode, pairs
 
 
+def step_flows(
+    frames: np.ndarray, pairs: Sequence[tuple[int, int]], steps: int, flow: FlowConfig
+) -> np.ndarray:
+    """uint8 ``[steps, S, S, 2L]``: the flow stacks of `steps` frames from `flow_frames`'
+    decoded `frames` ``[F, S, S, 3]`` and its `pairs` (step-major, L a step); channels x0,
+    y0, x1, y1, ..."""
+    from model.flow import flow_fields  # OpenCV, for flow models only
+
+    fields = flow_fields(frames, pairs, preset=flow.preset, compensation=flow.compensation,
+                         bound=flow.bound_px)  # [steps * L, S, S, 2]
+    size = fields.shape[1]
+    return (fields.reshape(steps, flow.stack, size, size, 2).transpose(0, 2, 3, 1, 4)
+            .reshape(steps, size, size, 2 * flow.stack))
+
+
 def read_clips(
     read: Callable[[list[list[int]]], np.ndarray], clips: Sequence[Sequence[int]],
     num_frames: int, frame_interval: int, flow: FlowConfig | None,
@@ -111,19 +126,12 @@ def read_clips(
     lists = [[int(f) for f in clip] for clip in clips]
     if flow is None:
         return {"frames": read(lists)}
-    from model.flow import flow_fields  # OpenCV, for flow models only
-
     plans = [flow_frames(clip, num_frames, frame_interval, flow.stack) for clip in lists]
     width = max(len(frames) for frames, _ in plans)
     decoded = read([frames + [frames[-1]] * (width - len(frames)) for frames, _ in plans])
     steps = len(lists[0])
-    flows = []
-    for clip, (_, pairs) in zip(decoded, plans, strict=True):
-        fields = flow_fields(clip, pairs, preset=flow.preset, compensation=flow.compensation,
-                             bound=flow.bound_px)  # [T * L, S, S, 2], step-major
-        size = fields.shape[1]
-        flows.append(fields.reshape(steps, flow.stack, size, size, 2)
-                     .transpose(0, 2, 3, 1, 4).reshape(steps, size, size, 2 * flow.stack))
+    flows = [step_flows(clip, pairs, steps, flow)
+             for clip, (_, pairs) in zip(decoded, plans, strict=True)]
     return {"frames": np.ascontiguousarray(decoded[:, :steps]), "optical_flow": np.stack(flows)}
 
 
